@@ -1,0 +1,208 @@
+"""Reading a dataset split and turning rows into what the teacher sees.
+
+The frozen input order is the order of the loaded split (after --limit); every row keeps its
+index in that order, so job-array tasks, shards and students all agree on what row N is.
+Tokenisation happens per chunk (never the whole dataset at once) and is deterministic:
+masked-LM masks are drawn from a generator seeded by (mask seed, row index), so any split of
+the rows into tasks draws the same masks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import KDError
+from pipeline.fingerprint import local_data_files
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+DEFAULT_TEXT = {"token-classification": "tokens"}
+DEFAULT_LABEL = {"sequence-classification": "label", "token-classification": "ner_tags"}
+
+
+def load_split(data: str, split: str, limit: int | None = None):
+    """A `datasets.Dataset` for --data/--split, cut to the first --limit rows."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = local_data_files(data)
+    try:
+        if files is not None:
+            exts = {p.suffix.lower() for p in files}
+            if len(exts) != 1 or next(iter(exts)) not in BUILDERS:
+                raise KDError(f"--data {data!r}: files must share one of the extensions {', '.join(BUILDERS)} (got {', '.join(sorted(exts))})")
+            ds = datasets.load_dataset(BUILDERS[exts.pop()], data_files={split: [str(p) for p in files]}, split=split)
+        elif os.path.isdir(data) and any((Path(data) / f).exists() for f in ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(data)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise KDError(f"--data {data!r} has no split {split!r}; it has: {', '.join(ds)}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(data, split=split)
+    except KDError:
+        raise
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KDError(f"cannot load --data {data!r} split {split!r}: {msg}") from None
+    if limit is not None:
+        ds = ds.select(range(min(int(limit), len(ds))))
+    if len(ds) == 0:
+        raise KDError(f"--data {data!r} split {split!r} has no rows; point --data at a non-empty dataset")
+    return ds
+
+
+@dataclass
+class Columns:
+    """Which dataset columns hold the text(s) and the labels."""
+
+    text: str
+    text_pair: str | None = None
+    label: str | None = None
+
+    @classmethod
+    def resolve(cls, dataset_columns: list[str], task_type: str, text: str | None,
+                text_pair: str | None, label: str | None) -> "Columns":
+        text = text or DEFAULT_TEXT.get(task_type, "text")
+        for flag, name in (("--text-column", text), ("--text-pair-column", text_pair)):
+            if name is not None and name not in dataset_columns:
+                raise KDError(f"{flag} {name!r} is not a column of the data (columns: {', '.join(dataset_columns)})")
+        if label is not None and label not in dataset_columns:
+            raise KDError(f"--label-column {label!r} is not a column of the data (columns: {', '.join(dataset_columns)})")
+        if label is None and DEFAULT_LABEL.get(task_type) in dataset_columns:
+            label = DEFAULT_LABEL[task_type]
+        if text_pair is not None and task_type != "sequence-classification":
+            raise KDError("--text-pair-column only applies to --task-type sequence-classification")
+        return cls(text=text, text_pair=text_pair, label=label)
+
+
+@dataclass
+class Example:
+    """One tokenised row: what the teacher sees and which outputs carry a target."""
+
+    row: int
+    id: str
+    text: Any
+    text_pair: str | None
+    input_ids: list[int]
+    labels: Any
+    positions: list[int]
+    truncated: bool
+    extra: dict = field(default_factory=dict)
+
+
+def _label_id(value, label2id: dict, num_labels: int, row: int) -> int:
+    if isinstance(value, str):
+        if value not in label2id:
+            raise KDError(f"row {row}: label {value!r} is not in the model's label set ({', '.join(label2id)}); fix the data or the teacher")
+        return int(label2id[value])
+    v = int(value)
+    if not 0 <= v < num_labels:
+        raise KDError(f"row {row}: label {v} is outside the model's {num_labels} labels (0..{num_labels - 1}); fix the data or the teacher")
+    return v
+
+
+class Encoder:
+    """Tokenises rows for one task type; the same object serves every chunk of a task."""
+
+    def __init__(self, tokenizer, task_type: str, columns: Columns, max_length: int,
+                 label2id: dict | None = None, num_labels: int | None = None,
+                 mask_seed: int = 0, mask_prob: float = 0.15, id_column: str | None = None):
+        self.tok, self.task_type, self.cols, self.max_length = tokenizer, task_type, columns, max_length
+        self.label2id, self.num_labels = label2id or {}, num_labels
+        self.mask_seed, self.mask_prob, self.id_column = mask_seed, mask_prob, id_column
+        if task_type == "masked-lm" and tokenizer.mask_token_id is None:
+            raise KDError("the tokenizer has no mask token, so it cannot be used for --task-type masked-lm")
+
+    def encode(self, batch: dict[str, list], start_row: int) -> list[Example]:
+        n = len(batch[self.cols.text])
+        texts = batch[self.cols.text]
+        pairs = batch[self.cols.text_pair] if self.cols.text_pair else None
+        labels = batch[self.cols.label] if self.cols.label else [None] * n
+        ids = batch[self.id_column] if self.id_column else None
+        for i, t in enumerate(texts):
+            bad = t is None or (self.task_type == "token-classification" and not isinstance(t, (list, tuple)))
+            if bad or (self.task_type != "token-classification" and not isinstance(t, str)):
+                want = "a list of words" if self.task_type == "token-classification" else "a string"
+                raise KDError(f"row {start_row + i}: column {self.cols.text!r} must hold {want}, got {type(t).__name__}")
+        words = self.task_type == "token-classification"
+        kw = dict(truncation=True, max_length=self.max_length, is_split_into_words=words)
+        enc = self.tok(list(texts), list(pairs) if pairs else None, **kw)
+        out = []
+        for i in range(n):
+            row = start_row + i
+            input_ids = list(enc["input_ids"][i])
+            truncated = False
+            if len(input_ids) >= self.max_length:  # only a row at the limit can have been cut
+                full = self.tok(texts[i], pairs[i] if pairs else None, is_split_into_words=words)
+                truncated = len(full["input_ids"]) > len(input_ids)
+            ex = Example(row=row, id=str(ids[i]) if ids is not None else str(row), text=texts[i],
+                         text_pair=pairs[i] if pairs else None, input_ids=input_ids, labels=None,
+                         positions=[], truncated=truncated)
+            getattr(self, "_" + self.task_type.replace("-", "_"))(ex, labels[i], enc, i)
+            out.append(ex)
+        return out
+
+    def _sequence_classification(self, ex: Example, label, enc, i):
+        ex.positions = [0]
+        if label is not None:
+            ex.labels = _label_id(label, self.label2id, self.num_labels, ex.row)
+
+    def _token_classification(self, ex: Example, label, enc, i):
+        word_ids = enc.word_ids(i)
+        if label is not None and len(label) != len(ex.text):
+            raise KDError(f"row {ex.row}: {len(label)} labels for {len(ex.text)} words; each word needs one label")
+        labels = [-100] * len(ex.input_ids)
+        seen = set()
+        for pos, w in enumerate(word_ids):
+            if w is None or w in seen:
+                continue
+            seen.add(w)
+            if label is None:
+                ex.positions.append(pos)
+            elif isinstance(label[w], str) or int(label[w]) != -100:  # -100: word has no label
+                labels[pos] = _label_id(label[w], self.label2id, self.num_labels, ex.row)
+                ex.positions.append(pos)
+        ex.labels = labels if label is not None else None
+
+    def _masked_lm(self, ex: Example, label, enc, i):
+        ids = np.asarray(ex.input_ids, dtype=np.int64)
+        special = np.asarray(self.tok.get_special_tokens_mask(ex.input_ids, already_has_special_tokens=True), bool)
+        candidates = np.flatnonzero(~special)
+        rng = np.random.default_rng([self.mask_seed, ex.row])
+        chosen = candidates[rng.random(len(candidates)) < self.mask_prob]
+        if len(chosen) == 0 and len(candidates):
+            chosen = candidates[[rng.integers(len(candidates))]]
+        labels = np.full(len(ids), -100, dtype=np.int64)
+        labels[chosen] = ids[chosen]
+        action = rng.random(len(chosen))  # BERT's 80/10/10: mask, random token, unchanged
+        ids[chosen[action < 0.8]] = self.tok.mask_token_id
+        rand = chosen[(action >= 0.8) & (action < 0.9)]
+        ids[rand] = rng.integers(0, len(self.tok), size=len(rand))
+        ex.input_ids, ex.labels, ex.positions = ids.tolist(), labels.tolist(), chosen.tolist()
+
+    def _causal_lm(self, ex: Example, label, enc, i):
+        ex.positions = list(range(len(ex.input_ids) - 1))  # position t predicts token t+1
+        ex.labels = None  # the hard labels are input_ids shifted by one
+
+
+def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices into batches of similar length whose padded size fits the budget.
+
+    Sorting by length wastes almost no compute on padding; the caller restores row order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        new_max = max(cur_max, lengths[i])
+        if cur and new_max * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, new_max = [], lengths[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches

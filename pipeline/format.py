@@ -1,0 +1,119 @@
+"""The shard format (format version 1): one Parquet row per example, per-position lists.
+
+Why these encodings (measured in shared/notes/parquet-layout.md on these machines): zstd level
+1, BYTE_STREAM_SPLIT for ids and float payloads, no dictionary on payloads, non-nullable
+fields and ~64K positions per row group halve the bytes of pyarrow's defaults and decode a
+quarter faster. Values stay in rank order so a reader can truncate to a smaller k for free.
+The schema is checked on every read: a cache written by another version or tool is refused
+with a message instead of being silently misread.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import io
+from pipeline.errors import KDError
+
+FORMAT_VERSION = 1
+TASK_TYPES = ("sequence-classification", "token-classification", "masked-lm", "causal-lm")
+VALUE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+POSITIONS_PER_ROW_GROUP = 65536
+META_PREFIX = "kd."
+
+
+def _list(t: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("item", t, nullable=False))
+
+
+def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False) -> pa.Schema:
+    """The Arrow schema of a shard for a task type; text fields are kept so that a student
+    with its own tokenizer can re-tokenise classification inputs."""
+    if task_type not in TASK_TYPES:
+        raise KDError(f"unknown task type {task_type!r}: use one of {', '.join(TASK_TYPES)}")
+    if value_dtype not in VALUE_DTYPES:
+        raise KDError(f"unknown value dtype {value_dtype!r}: use float16 or float32")
+    words = task_type == "token-classification"
+    fields = [
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", _list(pa.string()) if words else pa.string(), nullable=False),
+    ]
+    if text_pair:
+        fields.append(pa.field("text_pair", pa.string(), nullable=False))
+    label_type = pa.int64() if task_type == "sequence-classification" else _list(pa.int32())
+    fields += [
+        pa.field("input_ids", _list(pa.int32()), nullable=False),
+        pa.field("labels", label_type, nullable=True),
+        pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("positions", _list(pa.int32()), nullable=False),
+        pa.field("topk_ids", _list(_list(pa.int32())), nullable=False),
+        pa.field("topk_logits", _list(_list(VALUE_DTYPES[value_dtype])), nullable=False),
+        pa.field("lse", _list(pa.float32()), nullable=False),
+    ]
+    return pa.schema(fields)
+
+
+PAYLOAD_COLUMNS = ("input_ids", "positions", "topk_ids", "topk_logits", "lse")
+
+
+def write_shard(path: str | os.PathLike, table: pa.Table, metadata: dict[str, str]) -> dict:
+    """Write one shard atomically; returns its file record (path name, rows, positions, bytes, sha256)."""
+    meta = {f"{META_PREFIX}{k}".encode(): str(v).encode() for k, v in metadata.items()}
+    meta[f"{META_PREFIX}format_version".encode()] = str(FORMAT_VERSION).encode()
+    table = table.replace_schema_metadata(meta)
+    positions = int(pa.compute.sum(pa.compute.list_value_length(table["positions"])).as_py() or 0)
+    per_row = max(1.0, positions / max(1, table.num_rows))
+    row_group_rows = max(1, int(POSITIONS_PER_ROW_GROUP / per_row))
+    path = Path(path)
+    with io.atomic_path(path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            row_group_size=row_group_rows,
+            compression="zstd",
+            compression_level=1,
+            use_dictionary=False,
+            use_byte_stream_split=list(PAYLOAD_COLUMNS),
+            write_statistics=["row"],
+            store_schema=True,
+        )
+    return {
+        "path": path.name,
+        "rows": table.num_rows,
+        "positions": positions,
+        "bytes": path.stat().st_size,
+        "sha256": io.sha256_file(path),
+    }
+
+
+def file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The kd.* key/values of a shard's schema metadata (format version, cache key, ...)."""
+    md = pq.read_schema(path).metadata or {}
+    return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in md.items() if k.startswith(META_PREFIX.encode())}
+
+
+def check_shard(path: str | os.PathLike, task_type: str, value_dtype: str, text_pair: bool,
+                cache_key: str | None = None) -> pq.ParquetFile:
+    """Open a shard and refuse it, naming the difference, unless it matches format version 1."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise KDError(f"{path}: not a readable Parquet file ({exc}); re-run the stage that wrote it") from None
+    md = file_metadata(path)
+    if md.get("format_version") != str(FORMAT_VERSION):
+        raise KDError(f"{path}: format version {md.get('format_version')!r}, this kd reads {FORMAT_VERSION}; regenerate the cache")
+    if cache_key is not None and md.get("cache_key") != cache_key:
+        raise KDError(f"{path}: belongs to cache {md.get('cache_key', '?')[:12]}, not {cache_key[:12]}; the directory mixes two caches")
+    want = schema(task_type, value_dtype, text_pair)
+    got = pf.schema_arrow
+    for f in want:
+        if f.name not in got.names:
+            raise KDError(f"{path}: column {f.name!r} is missing; regenerate the cache")
+        if not got.field(f.name).type.equals(f.type):
+            raise KDError(f"{path}: column {f.name!r} is {got.field(f.name).type}, expected {f.type}")
+    return pf

@@ -1,0 +1,244 @@
+"""Distillation losses on cached top-k soft targets.
+
+The teacher cache (DESIGN.md, "The soft-target contract") keeps, per target position, the ids
+of the k largest teacher logits z, ``topk_logits = z / T_cache`` at those ids, and
+``lse = logsumexp(z / T_cache)`` over the *full* vocabulary. Because ``lse`` is exact, the
+teacher's log-probabilities at the stored ids are exact too, and so is the mass of everything
+else (the "tail"). The default loss therefore compares teacher and student over k + 1
+buckets -- the k stored ids plus one tail bucket -- which is a true KL between two
+distributions (a coarsening of the full-vocabulary KL), not the biased top-k-renormalised one.
+
+Numerics: every log-probability is clamped below at ``log(finfo.tiny)`` of the compute dtype,
+so no bucket is ever -inf; a bucket whose probability underflows then contributes
+``0 * finite == 0`` instead of ``0 * inf == NaN``. When k == V the tail is empty by
+construction and is dropped rather than estimated, so the result equals the dense KL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.errors import KDError
+
+LOSSES = ("kl", "kl-renorm", "reverse-kl", "jsd")
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (fp16, bf16, fp32) is computed in float32,
+    because softmax over a large vocabulary in half precision loses the tail entirely."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _floor(dtype: torch.dtype) -> float:
+    """Smallest log-probability we represent: finite, and exp() of it is still > 0."""
+    return math.log(torch.finfo(dtype).tiny)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012): expm1 when the
+    result is a small remainder near x = 0, log1p when exp(x) is small."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _same_temperature(cache_temperature: float, temperature: float) -> bool:
+    # A tolerance, so that 2.0 read back from a config as 2.0000000001 keeps the exact tail.
+    return math.isclose(cache_temperature, temperature, rel_tol=1e-9, abs_tol=0.0)
+
+
+def teacher_log_probs(
+    topk_logits: Tensor, lse: Tensor, cache_temperature: float, temperature: float
+) -> tuple[Tensor, Tensor | None]:
+    """Teacher log-probabilities at the stored ids, and of the tail when it is known.
+
+    Returns ``(log p [N, k], log p_tail [N])`` at the cache temperature, exactly as the
+    contract defines them; the tail is ``log(1 - sum p)`` computed as log1mexp of a
+    logsumexp so that a tail of 1e-12 survives. Rounding (e.g. float16 logits) can push the
+    stored mass to >= 1; such tails are clamped to the finite floor rather than NaN.
+
+    At any other temperature only ratios between stored logits are known (``lse`` at the new
+    temperature would need all V logits), so the stored ids are rescaled by
+    ``cache_T / T``, renormalised among themselves, and the tail is returned as ``None``.
+    Computed in float64 if ``topk_logits`` is float64, else float32.
+    """
+    if cache_temperature <= 0 or temperature <= 0:
+        raise KDError(f"temperatures must be > 0, got cache {cache_temperature}, student {temperature}")
+    dtype = _compute_dtype(topk_logits)
+    logits = topk_logits.to(dtype)
+    floor = _floor(dtype)
+    if not _same_temperature(cache_temperature, temperature):
+        return torch.log_softmax(logits * (cache_temperature / temperature), dim=-1).clamp(min=floor), None
+    log_p = logits - lse.to(device=logits.device, dtype=dtype).unsqueeze(-1)
+    log_mass = torch.logsumexp(log_p, dim=-1).clamp(max=-torch.finfo(dtype).tiny)
+    return log_p.clamp(min=floor), _log1mexp(log_mass).clamp(min=floor)
+
+
+def _divergence(loss: str, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Per-position divergence [N] between bucket distributions given as log-probs [N, B].
+    Inputs are finite (floored), so p * (log p - log q) is 0, never NaN, where p underflows."""
+    p, q = log_p.exp(), log_q.exp()
+    if loss in ("kl", "kl-renorm"):
+        return (p * (log_p - log_q)).sum(-1)
+    if loss == "reverse-kl":
+        return (q * (log_q - log_p)).sum(-1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)  # m = (p + q) / 2, in log space
+    return 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
+
+
+def kd_loss_sum(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logits: Tensor,
+    lse: Tensor,
+    *,
+    loss: str = "kl",
+    cache_temperature: float = 1.0,
+    temperature: float | None = None,
+) -> Tensor:
+    """Sum over the N positions of divergence(teacher, student) at temperature T.
+
+    A *sum*, not a mean, so that the caller can normalise by the number of positions in the
+    whole optimizer step (see `distillation_loss`) and gradient accumulation stays exact.
+
+    student_logits [N, V] (any float dtype; computed in float32, or float64 if given float64),
+    topk_ids [N, k], topk_logits [N, k], lse [N]. The student side is
+    ``log_softmax(student_logits / T)`` over the full vocabulary, T defaulting to the cache
+    temperature. Losses (see `LOSSES`):
+
+    - ``kl``: KL(p || q) over the k ids plus one tail bucket for the rest of the mass. The
+      student tail is a logsumexp over the non-stored entries (masked by scatter), not
+      ``1 - sum q``, which would cancel catastrophically when the tail is small.
+    - ``kl-renorm``: KL(p || q) with both renormalised over the k ids (the common, biased
+      approximation; kept for comparison with other work).
+    - ``reverse-kl``: KL(q || p) over the k + 1 buckets (mode-seeking).
+    - ``jsd``: Jensen-Shannon divergence over the k + 1 buckets (bounded by log 2).
+
+    If T differs from the cache temperature the teacher tail is unknown, so every loss falls
+    back to the k renormalised ids on both sides.
+    """
+    if loss not in LOSSES:
+        raise KDError(f"unknown distillation loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if student_logits.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape != topk_logits.shape:
+        raise KDError(
+            f"expected student_logits [N, V] and topk_ids/topk_logits [N, k], got "
+            f"{tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_logits.shape)}"
+        )
+    n, vocab = student_logits.shape
+    if topk_ids.shape[0] != n or lse.shape != (n,):
+        raise KDError(f"teacher targets cover {topk_ids.shape[0]} positions (lse {tuple(lse.shape)}), student has {n}")
+    if topk_ids.shape[1] > vocab:
+        raise KDError(f"cache stores k={topk_ids.shape[1]} ids but the student vocabulary has only {vocab}")
+    t = cache_temperature if temperature is None else temperature
+    dtype = _compute_dtype(student_logits)
+    floor = _floor(dtype)
+    device = student_logits.device
+    ids = topk_ids.to(device=device, dtype=torch.long)
+    log_p, log_p_tail = teacher_log_probs(topk_logits.to(device=device, dtype=dtype), lse, cache_temperature, t)
+
+    s = student_logits.to(dtype)
+    if t != 1.0:
+        s = s / t
+    s_k = s.gather(1, ids)
+    if loss == "kl-renorm" or log_p_tail is None:
+        if log_p_tail is not None:  # same temperature: drop the tail and renormalise the teacher
+            log_p = torch.log_softmax(log_p, dim=-1).clamp(min=floor)
+        log_q = torch.log_softmax(s_k, dim=-1).clamp(min=floor)
+        return _divergence("kl" if loss == "kl-renorm" else loss, log_p, log_q).sum()
+
+    log_z = torch.logsumexp(s, dim=-1, keepdim=True)
+    log_q = (s_k - log_z).clamp(min=floor)
+    if ids.shape[1] < vocab:
+        # finfo.min rather than -inf: a row whose remaining logits are all masked then has a
+        # finite logsumexp and a zero (not NaN) gradient.
+        rest = s.scatter(1, ids, torch.finfo(dtype).min)
+        log_q_tail = (torch.logsumexp(rest, dim=-1, keepdim=True) - log_z).clamp(min=floor)
+        log_p = torch.cat([log_p, log_p_tail.unsqueeze(-1)], dim=-1)
+        log_q = torch.cat([log_q, log_q_tail], dim=-1)
+    # else k == V: the tail is empty for both, so there is no tail bucket at all.
+    return _divergence(loss, log_p, log_q).sum()
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logits: Tensor,
+    lse: Tensor,
+    hard_labels: Tensor | None,
+    *,
+    alpha: float,
+    loss: str = "kl",
+    cache_temperature: float = 1.0,
+    temperature: float | None = None,
+    num_positions: int | None = None,
+    num_labelled: int | None = None,
+    mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The training objective ``alpha * T^2 * KD + (1 - alpha) * CE``.
+
+    T^2 keeps the soft-target gradients on the same scale as the hard-label ones when T
+    changes (Hinton et al. 2015), so alpha means the same thing at every temperature.
+
+    Normalisation: KD is summed over positions and divided by ``num_positions``; CE is summed
+    over positions whose ``hard_labels`` is not -100 and divided by ``num_labelled``. Both
+    counts are for the *whole optimizer step* (all gradient-accumulation micro-batches), given
+    by the caller; they default to this call's counts. With the step-wide counts, summing the
+    gradients of the micro-batches gives exactly the gradient of one big batch, which
+    per-micro-batch means would not (micro-batches hold different numbers of positions).
+
+    ``mask`` [N] bool optionally selects the rows that take part (e.g. to drop padding); rows
+    outside it contribute nothing, not even NaN, and get zero gradient. ``hard_labels`` may be
+    None only when alpha == 1. alpha == 0 is plain cross-entropy: the KD term is then only
+    evaluated without autograd, for reporting, so the teacher data cannot affect gradients.
+
+    Returns {"loss": objective, "kd": mean divergence (unscaled, detached), "ce": CE (detached)}.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise KDError(f"alpha must be in [0, 1], got {alpha}")
+    if hard_labels is None and alpha < 1.0:
+        raise KDError(f"alpha={alpha} mixes in cross-entropy but no hard labels were given; use alpha=1")
+    if mask is not None:
+        rows = mask.to(device=student_logits.device, dtype=torch.bool).nonzero().squeeze(-1)
+        student_logits, topk_ids, topk_logits, lse = (
+            x.index_select(0, rows.to(x.device)) for x in (student_logits, topk_ids, topk_logits, lse)
+        )
+        hard_labels = None if hard_labels is None else hard_labels.index_select(0, rows.to(hard_labels.device))
+    n = student_logits.shape[0]
+    if num_positions is None:
+        num_positions = n
+    if num_positions < n:
+        raise KDError(f"num_positions={num_positions} is smaller than the {n} positions in this call")
+    t = cache_temperature if temperature is None else temperature
+    dtype = _compute_dtype(student_logits)
+
+    def kd_mean() -> Tensor:
+        kd_sum = kd_loss_sum(
+            student_logits, topk_ids, topk_logits, lse,
+            loss=loss, cache_temperature=cache_temperature, temperature=t,
+        )
+        return kd_sum / max(num_positions, 1)
+
+    def ce_mean() -> Tensor:
+        if hard_labels is None:
+            return student_logits.new_zeros((), dtype=dtype)
+        labels = hard_labels.to(device=student_logits.device, dtype=torch.long)
+        count = num_labelled if num_labelled is not None else int((labels != -100).sum())
+        ce_sum = F.cross_entropy(student_logits.to(dtype), labels, ignore_index=-100, reduction="sum")
+        return ce_sum / max(count, 1)
+
+    if alpha == 0.0:
+        ce = ce_mean()
+        with torch.no_grad():
+            kd = kd_mean()
+        total = ce
+    elif alpha == 1.0:
+        kd = kd_mean()
+        with torch.no_grad():
+            ce = ce_mean()
+        total = (t * t) * kd
+    else:
+        kd, ce = kd_mean(), ce_mean()
+        total = alpha * (t * t) * kd + (1.0 - alpha) * ce
+    return {"loss": total, "kd": kd.detach(), "ce": ce.detach()}

@@ -1,0 +1,94 @@
+"""Loading models for a task type, and choosing device and dtype.
+
+A teacher whose task head was never trained (a bare encoder loaded for classification gets a
+randomly initialised head with only a warning) would silently fill a cache with noise, so a
+teacher with missing head weights is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import KDError
+
+AUTO_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "masked-lm": "AutoModelForMaskedLM",
+    "causal-lm": "AutoModelForCausalLM",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it (fp16 otherwise), float32 on the CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise KDError(f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def auto_class(task_type: str):
+    import transformers
+
+    if task_type not in AUTO_CLASSES:
+        raise KDError(f"unknown task type {task_type!r}: use one of {', '.join(AUTO_CLASSES)}")
+    return getattr(transformers, AUTO_CLASSES[task_type])
+
+
+def load_model(path: str, task_type: str, dtype: torch.dtype = torch.float32, device=None,
+               require_head: bool = True):
+    """Load `path` with the AutoModelFor… class of the task; refuse missing head weights."""
+    cls = auto_class(task_type)
+    _quiet_transformers()
+    try:
+        model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except (ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0]
+        raise KDError(f"model {path} cannot be loaded for {task_type}: {first}") from None
+    except OSError as exc:
+        raise KDError(f"model {path} cannot be loaded: {str(exc).splitlines()[0]}") from None
+    missing = list(info.get("missing_keys", []))
+    if require_head and missing:
+        shown = ", ".join(sorted(missing)[:3]) + (" …" if len(missing) > 3 else "")
+        raise KDError(f"model {path} has no trained {task_type} head (weights missing: {shown}); "
+                      f"fine-tune it first (kd train without --targets) or pass a model with that head")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _quiet_transformers() -> None:
+    """Loading bars and 'newly initialised' warnings would drown our own one-line messages."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise KDError(f"no usable tokenizer in {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    tok.padding_side = "right"
+    return tok
+
+
+def label_maps(model) -> tuple[dict[str, int], int]:
+    cfg = model.config
+    n = int(getattr(cfg, "num_labels", 0) or 0)
+    label2id = {str(k): int(v) for k, v in (getattr(cfg, "label2id", None) or {}).items()}
+    return label2id, n
