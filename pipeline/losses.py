@@ -128,7 +128,9 @@ def kd_loss_sum(
         )
     n, vocab = student_logits.shape
     if topk_ids.shape[0] != n or lse.shape != (n,):
-        raise KDError(f"teacher targets cover {topk_ids.shape[0]} positions (lse {tuple(lse.shape)}), student has {n}")
+        raise KDError(
+            f"teacher targets cover {topk_ids.shape[0]} positions (lse {tuple(lse.shape)}), student has {n}"
+        )
     if topk_ids.shape[1] > vocab:
         raise KDError(f"cache stores k={topk_ids.shape[1]} ids but the student vocabulary has only {vocab}")
     t = cache_temperature if temperature is None else temperature
@@ -136,7 +138,8 @@ def kd_loss_sum(
     floor = _floor(dtype)
     device = student_logits.device
     ids = topk_ids.to(device=device, dtype=torch.long)
-    log_p, log_p_tail = teacher_log_probs(topk_logits.to(device=device, dtype=dtype), lse, cache_temperature, t)
+    teacher = topk_logits.to(device=device, dtype=dtype)
+    log_p, log_p_tail = teacher_log_probs(teacher, lse, cache_temperature, t)
 
     s = student_logits.to(dtype)
     if t != 1.0:
@@ -204,7 +207,8 @@ def distillation_loss(
         student_logits, topk_ids, topk_logits, lse = (
             x.index_select(0, rows.to(x.device)) for x in (student_logits, topk_ids, topk_logits, lse)
         )
-        hard_labels = None if hard_labels is None else hard_labels.index_select(0, rows.to(hard_labels.device))
+        if hard_labels is not None:
+            hard_labels = hard_labels.index_select(0, rows.to(hard_labels.device))
     n = student_logits.shape[0]
     if num_positions is None:
         num_positions = n

@@ -39,6 +39,10 @@ def write_plan(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     path = out / PLAN
     if path.exists():
         old = io.read_json(path)
+        started = done_tasks(out) or any((out / "shards").glob("*.parquet"))
+        if old.get("key") != plan["key"] and not started:
+            old = plan  # an earlier attempt failed before writing anything: start afresh
+            io.write_json(path, plan)
         if old.get("key") != plan["key"]:
             diff = [k for k in sorted(set(old.get("config", {})) | set(plan["config"]))
                     if old.get("config", {}).get(k) != plan["config"].get(k)]
@@ -55,6 +59,8 @@ def write_plan(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
 
 def read_plan(out: Path) -> dict[str, Any]:
     path = Path(out) / PLAN
+    if not Path(out).is_dir():
+        raise KDError(f"{out} does not exist or is not a directory")
     if not path.exists():
         raise KDError(f"{out} holds no {PLAN}: it is not the output of a kd stage")
     return io.read_json(path)
@@ -125,6 +131,8 @@ def read_manifest(out: Path, kind: str | None = None) -> dict[str, Any]:
     """The manifest of a complete output directory, or a one-line refusal saying why not."""
     out = Path(out)
     path = out / MANIFEST
+    if not out.is_dir():
+        raise KDError(f"{out} does not exist or is not a directory")
     if not path.exists():
         if (out / PLAN).exists():
             raise KDError(f"{out} is incomplete (no {MANIFEST}); run `kd status {out}` to see missing tasks, then rerun them or `kd finalize {out}`")

@@ -71,34 +71,10 @@ def run(cfg: TeacherConfig) -> dict:
         raise KDError("say where the cache goes: --out DIR or --cache-root DIR")
     task_index, num_tasks = jobarray.resolve_task(cfg.task_index, cfg.num_tasks)
 
-    # 1. Inputs and their fingerprints (cheap: no teacher forward, no weights in memory).
-    model_dir = resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(str(model_dir))
-    from transformers import AutoConfig
-
-    mconfig = AutoConfig.from_pretrained(model_dir)
-    dataset = load_split(cfg.data, cfg.split, cfg.limit)
-    cols = Columns.resolve(dataset.column_names, cfg.task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
-    id_column = cfg.id_column or ("id" if "id" in dataset.column_names else None)
-    if cfg.id_column and cfg.id_column not in dataset.column_names:
-        raise KDError(f"--id-column {cfg.id_column!r} is not a column of the data")
-    outputs = mconfig.num_labels if cfg.task_type.endswith("classification") else mconfig.vocab_size
-    top_k = cfg.top_k
-    if cfg.task_type.endswith("classification"):
-        top_k = min(top_k, outputs)  # exact distribution over the C classes
-    elif top_k > outputs:
-        raise KDError(f"--top-k {top_k} is larger than the teacher's vocabulary ({outputs}); use --top-k {outputs} or less")
-    fps = {
-        "teacher": model_fingerprint(model_dir),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "dataset": dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols) | {"id": id_column},
-                                       len(dataset), cfg.limit, getattr(dataset, "_fingerprint", None)),
-    }
-    mask = {"seed": cfg.mask_seed, "prob": cfg.mask_prob} if cfg.task_type == "masked-lm" else None
-    key = cache_key(teacher=fps["teacher"], tokenizer=fps["tokenizer"], dataset=fps["dataset"],
-                    task_type=cfg.task_type, max_length=cfg.max_length, top_k=top_k,
-                    temperature=cfg.temperature, value_dtype=cfg.value_dtype, mask=mask,
-                    format_version=fmt.FORMAT_VERSION)
+    # 1. Inputs, their fingerprints and the cache key (no teacher forward, no weights loaded).
+    inp = resolve_inputs(cfg)
+    model_dir, tokenizer, mconfig, dataset, cols = inp.model_dir, inp.tokenizer, inp.mconfig, inp.dataset, inp.cols
+    id_column, top_k, outputs, fps, key = inp.id_column, inp.top_k, inp.outputs, inp.fingerprints, inp.key
 
     # 2. Where the cache lives; a complete cache with this key means no teacher work at all.
     out = Path(cfg.cache_root) / key if cfg.cache_root else Path(cfg.out)
@@ -126,19 +102,24 @@ def run(cfg: TeacherConfig) -> dict:
                   "id2label": {str(k): v for k, v in (mconfig.id2label or {}).items()}
                   if cfg.task_type.endswith("classification") else None},
     }
+    if (out / manifest.PLAN).exists() and task_index in manifest.done_tasks(out):
+        manifest.write_plan(out, plan)  # refuses a directory of another cache
+        say(f"task {task_index}/{num_tasks} is already complete in {out}; nothing to do")
+        return _maybe_finalize(out, key, task_index)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    model = load_model(str(model_dir), cfg.task_type, dtype=dtype, device=device)  # refuses a headless teacher
     manifest.write_plan(out, plan)
     _save_tokenizer(tokenizer, out / "tokenizer")
-    if task_index in manifest.done_tasks(out):
-        say(f"task {task_index}/{num_tasks} is already complete in {out}; nothing to do")
-        return _maybe_finalize(out, key, task_index, cached=True)
     _clean_own_temporaries(out, task_index)
 
     # 3. This task's rows, shard by shard.
     start, stop = jobarray.row_range(task_index, num_tasks, rows)
     shard_rows = cfg.shard_rows or (50_000 if cfg.task_type == "sequence-classification" else max(1, 1_000_000 // cfg.max_length))
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    model = None
+    label2id = {str(k): int(v) for k, v in (mconfig.label2id or {}).items()}
+    encoder = Encoder(tokenizer, cfg.task_type, cols, cfg.max_length, label2id, mconfig.num_labels,
+                      cfg.mask_seed, cfg.mask_prob, id_column)
+    extractor = Extractor(model, cfg.task_type, top_k, cfg.temperature)
     meta = {"cache_key": key, "task_type": cfg.task_type, "top_k": top_k, "temperature": cfg.temperature,
             "value_dtype": cfg.value_dtype}
     schema = fmt.schema(cfg.task_type, cfg.value_dtype, text_pair=cols.text_pair is not None)
@@ -154,12 +135,6 @@ def run(cfg: TeacherConfig) -> dict:
                 records.append(_record_of(path))
                 progress.update(s1 - s0)
                 continue
-            if model is None:
-                model = load_model(str(model_dir), cfg.task_type, dtype=dtype, device=device)
-                label2id = {str(k): int(v) for k, v in (mconfig.label2id or {}).items()}
-                encoder = Encoder(tokenizer, cfg.task_type, cols, cfg.max_length, label2id, mconfig.num_labels,
-                                  cfg.mask_seed, cfg.mask_prob, id_column)
-                extractor = Extractor(model, cfg.task_type, top_k, cfg.temperature)
             examples = encoder.encode(dataset[s0:s1], s0)
             t0 = time.monotonic()
             results = _run_teacher(extractor, examples, tokenizer, cfg.batch_tokens, device)
@@ -184,6 +159,53 @@ def run(cfg: TeacherConfig) -> dict:
     say(f"task {task_index}/{num_tasks}: rows {start}..{stop} -> {len(records)} shard(s), "
         f"{stats['positions']} positions, {stats['bytes']} bytes")
     return _maybe_finalize(out, key, task_index)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Everything stage 1 knows before loading the teacher's weights."""
+
+    model_dir: Path
+    tokenizer: object
+    mconfig: object
+    dataset: object
+    cols: Columns
+    id_column: str | None
+    top_k: int
+    outputs: int
+    fingerprints: dict
+    key: str
+
+
+def resolve_inputs(cfg: TeacherConfig) -> Inputs:
+    """Resolve model, tokenizer and data, fingerprint them and derive the cache key."""
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = load_tokenizer(str(model_dir))
+    from transformers import AutoConfig
+
+    mconfig = AutoConfig.from_pretrained(model_dir)
+    dataset = load_split(cfg.data, cfg.split, cfg.limit)
+    cols = Columns.resolve(dataset.column_names, cfg.task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    if cfg.id_column and cfg.id_column not in dataset.column_names:
+        raise KDError(f"--id-column {cfg.id_column!r} is not a column of the data (columns: {', '.join(dataset.column_names)})")
+    id_column = cfg.id_column or ("id" if "id" in dataset.column_names else None)
+    classification = cfg.task_type.endswith("classification")
+    outputs = mconfig.num_labels if classification else mconfig.vocab_size
+    top_k = min(cfg.top_k, outputs) if classification else cfg.top_k  # exact over C classes
+    if top_k > outputs:
+        raise KDError(f"--top-k {top_k} is larger than the teacher's vocabulary ({outputs}); use --top-k {outputs} or less")
+    fps = {
+        "teacher": model_fingerprint(model_dir),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "dataset": dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols) | {"id": id_column},
+                                       len(dataset), cfg.limit, getattr(dataset, "_fingerprint", None)),
+    }
+    mask = {"seed": cfg.mask_seed, "prob": cfg.mask_prob} if cfg.task_type == "masked-lm" else None
+    key = cache_key(teacher=fps["teacher"], tokenizer=fps["tokenizer"], dataset=fps["dataset"],
+                    task_type=cfg.task_type, max_length=cfg.max_length, top_k=top_k,
+                    temperature=cfg.temperature, value_dtype=cfg.value_dtype, mask=mask,
+                    format_version=fmt.FORMAT_VERSION)
+    return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key)
 
 
 def _run_teacher(extractor, examples, tokenizer, batch_tokens, device):
@@ -285,7 +307,7 @@ def _save_tokenizer(tokenizer, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _maybe_finalize(out: Path, key: str, task_index: int, cached: bool = False) -> dict:
+def _maybe_finalize(out: Path, key: str, task_index: int) -> dict:
     st = manifest.status(out)
     result = {"out": str(out), "key": key, "cache_hit": False, "task_index": task_index, "missing": st["missing"]}
     if not st["missing"] and not st["complete"]:

@@ -10,7 +10,9 @@
 # /etc/slurm. Client commands find the cluster only through SLURM_CONF, so run them as
 #   SLURM_CONF=DIR/slurm.conf sbatch ...      (`start` prints "export SLURM_CONF=..." on stdout)
 # Jobs inherit SLURM_CONF from sbatch's environment. Ports are the first free ones from 6817
-# up, so clusters in different DIRs can run side by side.
+# up (chosen under a machine-wide lock), so clusters in different DIRs can run side by side.
+# A cluster whose `stop` never ran (e.g. pytest was SIGKILLed) keeps running: stop it with
+# `localslurm.sh stop DIR` on its directory.
 #
 # `start` on a DIR whose cluster is alive and answering reuses it; a half-dead one is stopped
 # and started afresh (state cleared with slurmctld -c). munged is shared by every cluster on
@@ -53,9 +55,12 @@ node_name() { sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$conf" 2>/dev/null | head 
 node_state() { timeout 10 sinfo -h -n "$1" -o %T 2>/dev/null | head -n1 || true; }
 
 log_tail() {
-    local f
-    for f in "$dir"/log/slurmctld.log "$dir"/log/slurmd.log "$dir"/log/*.out; do
-        [ -s "$f" ] && { echo "--- tail of $f"; tail -n 15 "$f"; }
+    local name
+    for name in slurmctld slurmd; do
+        # The .out file has what was printed before the log file was opened (bad config).
+        for f in "$dir/log/$name.log" "$dir/log/$name.out"; do
+            [ -s "$f" ] && { echo "--- tail of $f"; tail -n 15 "$f"; break; }
+        done
     done >&2
     return 0
 }
@@ -81,9 +86,8 @@ ensure_munge() {
     if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return 0; fi
     say "starting munged"
     install -d -o munge -g munge -m 0755 /run/munge
-    runuser -u munge -- /usr/sbin/munged --force
-    local i
-    for i in $(seq 50); do
+    runuser -u munge -- /usr/sbin/munged --force 9>&-
+    for _ in $(seq 50); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
         sleep 0.1
     done
@@ -138,7 +142,7 @@ EOF
 launch() {
     local name=$1 pid s
     shift
-    setsid "$@" </dev/null >"$dir/log/$name.out" 2>&1 &
+    setsid "$@" </dev/null >"$dir/log/$name.out" 2>&1 9>&- &
     pid=$!
     s=$(proc_stat "$pid")
     [ -n "$s" ] || { say "$name exited at once"; log_tail; exit 1; }
@@ -147,13 +151,13 @@ launch() {
 
 do_stop() {
     [ -s "$pids" ] || { say "nothing recorded in $pids"; return 0; }
-    local name pid start ids i
+    local name n pid start ids
     # Cancel this cluster's jobs first, or their slurmstepd and scripts outlive slurmd.
     ids=$(timeout 10 squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ' || true)
     if [ -n "${ids// /}" ]; then
         # shellcheck disable=SC2086
         timeout 10 scancel $ids 2>/dev/null || true
-        for i in $(seq 50); do
+        for _ in $(seq 50); do
             [ -z "$(timeout 10 squeue -h -t running,completing -o %A 2>/dev/null || true)" ] && break
             sleep 0.2
         done
@@ -164,7 +168,7 @@ do_stop() {
             [ "$n" = "$name" ] || continue
             alive "$pid" "$start" || continue
             kill -TERM "$pid" 2>/dev/null || true
-            for i in $(seq 100); do alive "$pid" "$start" || break; sleep 0.1; done
+            for _ in $(seq 100); do alive "$pid" "$start" || break; sleep 0.1; done
             if alive "$pid" "$start"; then
                 say "$name ($pid) ignored SIGTERM; sending SIGKILL"
                 kill -KILL "$pid" 2>/dev/null || true
@@ -189,6 +193,10 @@ do_start() {
     fi
     [ -s "$pids" ] && { say "restarting the cluster in $dir"; do_stop; }
     [ "$(id -u)" -eq 0 ] || { say "must run as root (SlurmUser=root, munged)"; exit 1; }
+    # One start at a time on this machine, so two clusters never pick the same free ports.
+    # (fd 9 is closed in the daemons, which would otherwise hold the lock.)
+    exec 9>/run/lock/localslurm.lock
+    flock -w 300 9 || { say "another localslurm.sh start holds /run/lock/localslurm.lock"; exit 1; }
     local c
     for c in slurmctld slurmd sinfo munged munge unmunge; do
         command -v "$c" >/dev/null || { say "$c not found: run tests/slurm/install.sh"; exit 1; }

@@ -1,0 +1,158 @@
+"""The evaluation's outputs: metrics.parquet, the report.md table and the cost/quality plot.
+
+One fixed schema serves every task type (columns that do not apply stay null), so that tables
+from many runs concatenate and a missing number reads as missing rather than as 0. Students are
+shown relative to the teacher because "92% of the teacher at 6x the speed" is the decision a
+distillation run exists to inform; where the teacher's number is unknown the ratio stays empty.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pipeline import io
+
+PRIMARY = {"sequence-classification": "accuracy", "token-classification": "entity_f1",
+           "masked-lm": "perplexity", "causal-lm": "perplexity"}
+LOWER_IS_BETTER = {"perplexity", "ece", "kl", "latency_p50_ms"}
+LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "entity_precision": "entity P",
+          "entity_recall": "entity R", "entity_f1": "entity F1", "perplexity": "perplexity",
+          "ece": "ECE", "agreement": "top-1 agreement", "kl": "KL(T‖S)"}
+SECONDARY = {"sequence-classification": ["macro_f1", "ece"],
+             "token-classification": ["entity_precision", "entity_recall", "accuracy", "ece"],
+             "masked-lm": [], "causal-lm": []}
+
+_STR, _F, _I = "str", "f64", "i64"
+COLUMNS = {
+    "name": _STR, "model": _STR, "role": _STR, "scored_from": _STR, "task_type": _STR,
+    "metric": _STR, "value": _F, "pct_of_teacher": _F,
+    "accuracy": _F, "macro_f1": _F, "entity_precision": _F, "entity_recall": _F, "entity_f1": _F,
+    "perplexity": _F, "ece": _F, "agreement": _F, "kl": _F, "teacher_labels_outside_topk": _F,
+    "rows": _I, "positions": _I, "params": _I, "disk_bytes": _I, "param_ratio": _F,
+    "examples_per_s": _F, "speedup": _F, "latency_p50_ms": _F, "timing_batch_size": _I, "timing_examples": _I,
+}
+
+
+def relative(rows: list[dict]) -> list[dict]:
+    """Each row with its primary metric as a % of the teacher's, its parameter ratio and
+    speed-up. For lower-is-better metrics (perplexity) the % is teacher / student, so that
+    100% always means "as good as the teacher" and more is better."""
+    teacher = next((r for r in rows if r.get("role") == "teacher"), None)
+    out = []
+    for r in rows:
+        r = {**r}
+        t = teacher or {}
+        r["pct_of_teacher"] = _ratio(t.get("value"), r.get("value")) if r.get("metric") in LOWER_IS_BETTER \
+            else _ratio(r.get("value"), t.get("value"))
+        if r["pct_of_teacher"] is not None:
+            r["pct_of_teacher"] *= 100.0
+        r["param_ratio"] = _ratio(r.get("params"), t.get("params"))
+        r["speedup"] = _ratio(r.get("examples_per_s"), t.get("examples_per_s"))
+        out.append(r)
+    return out
+
+
+def _ratio(a, b) -> float | None:
+    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or b == 0:
+        return None
+    return float(a) / float(b)
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    import polars as pl
+
+    dtypes = {_STR: pl.Utf8, _F: pl.Float64, _I: pl.Int64}
+    data = {c: [r.get(c) for r in rows] for c in COLUMNS}
+    df = pl.DataFrame(data, schema={c: dtypes[t] for c, t in COLUMNS.items()})
+    with io.atomic_path(path) as tmp:
+        df.write_parquet(tmp)
+
+
+def _num(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"
+    return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.4g}"
+
+
+def _count(n) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def table(rows: list[dict], task_type: str) -> str:
+    """The markdown table: the teacher first as the reference, then the students as given."""
+    primary = PRIMARY[task_type]
+    extra = SECONDARY[task_type]
+    head = ["model", "role", LABELS[primary], "% of teacher", *(LABELS[c] for c in extra),
+            "agreement", "KL(T‖S)", "params", "size (MB)", "ex/s", "speed-up", "p50 ms (batch 1)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in sorted(rows, key=lambda r: r.get("role") != "teacher"):
+        params = _count(r.get("params"))
+        if r.get("role") != "teacher" and r.get("param_ratio") is not None:
+            params += f" ({100 * r['param_ratio']:.0f}%)"
+        value = _num(r.get(primary), 2 if primary == "perplexity" else 4)
+        if r.get("role") == "teacher" and primary == "perplexity" and r.get("teacher_labels_outside_topk"):
+            value = f"≥{value}"
+        cells = [
+            f"`{r['name']}`", r.get("role", ""), value,
+            f"{r['pct_of_teacher']:.1f}%" if r.get("pct_of_teacher") is not None else "—",
+            *(_num(r.get(c), 4) for c in extra),
+            _num(r.get("agreement"), 4), _num(r.get("kl"), 4), params,
+            _num(r["disk_bytes"] / 1e6, 2) if r.get("disk_bytes") is not None else "—",
+            _num(r.get("examples_per_s"), 1),
+            f"{r['speedup']:.2f}×" if r.get("speedup") is not None else "—",
+            _num(r.get("latency_p50_ms"), 2),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], task_type: str, header: list[str], notes: list[str],
+             plot_name: str | None) -> str:
+    parts = [f"# kd eval — {task_type}", "", *header, "", table(rows, task_type), ""]
+    if notes:
+        parts += ["Notes:", "", *(f"- {n}" for n in notes), ""]
+    if plot_name:
+        parts += [f"![{LABELS[PRIMARY[task_type]]} against parameters and examples/s]({plot_name})", ""]
+    return "\n".join(parts)
+
+
+def plot(path: Path, rows: list[dict], task_type: str) -> None:
+    """Metric against parameters and against examples/s; the teacher is a red star, and also a
+    dashed line so that it stays visible when its cost was not measured."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    metric = PRIMARY[task_type]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    teacher = next((r for r in rows if r.get("role") == "teacher"), None)
+    for ax, x, xlabel in ((axes[0], "params", "parameters"), (axes[1], "examples_per_s", "examples/s (this device)")):
+        for r in rows:
+            if r.get(x) is None or r.get(metric) is None or not math.isfinite(r[metric]):
+                continue
+            is_t = r.get("role") == "teacher"
+            ax.scatter([r[x]], [r[metric]], marker="*" if is_t else "o", s=220 if is_t else 50,
+                       color="tab:red" if is_t else "tab:blue", zorder=3, label="teacher" if is_t else None)
+            ax.annotate(r["name"], (r[x], r[metric]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        if teacher is not None and teacher.get(metric) is not None and math.isfinite(teacher[metric]):
+            ax.axhline(teacher[metric], color="tab:red", linestyle="--", linewidth=1, label="teacher level")
+        if any(r.get(x) for r in rows):
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(LABELS[metric] + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+        ax.grid(True, alpha=0.3)
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(loc="best", fontsize=8)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
