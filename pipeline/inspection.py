@@ -98,7 +98,7 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
         if not r["positions"]:
             continue
         ids = torch.tensor([r["input_ids"]], device=dev)
-        ids_new, vals_new, lse_new = (t.float().cpu().numpy() for t in extractor(ids, torch.ones_like(ids), [r["positions"]], [r["row"]]))
+        ids_new, vals_new, lse_new = (t.float().cpu().numpy() for t in extractor(ids, torch.ones_like(ids), [r["positions"]]))
         vals_old = np.asarray(r["topk_logits"], dtype=np.float64)
         scale = max(1.0, float(np.abs(vals_old).max()))
         tol = 2e-2 * scale if dtype != "float32" else 2e-3 * scale

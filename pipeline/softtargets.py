@@ -58,8 +58,7 @@ class Extractor:
         self._checked = self.split is None
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 positions: list[list[int]], rows: list[int]):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: list[list[int]]):
         b_idx = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long)
         p_idx = torch.tensor([p for ps in positions for p in ps], dtype=torch.long)
         if not self._checked:
@@ -76,9 +75,9 @@ class Extractor:
             else:
                 feats = logits[b_idx.to(logits.device), p_idx.to(logits.device)]
             slab_fn = None
-        return self._reduce(feats, slab_fn, b_idx, p_idx, rows)
+        return self._reduce(feats, slab_fn)
 
-    def _reduce(self, feats, slab_fn, b_idx, p_idx, rows):
+    def _reduce(self, feats, slab_fn):
         n = feats.shape[0]
         vocab = None
         ids_out, val_out, lse_out = [], [], []
@@ -92,10 +91,8 @@ class Extractor:
                 step = max(1, self.slab_bytes // (4 * vocab))
             chunk = feats[start:start + step]
             z = (slab_fn(chunk) if slab_fn is not None else chunk).float() / self.temperature
-            if not torch.isfinite(z).all():
-                bad = int((~torch.isfinite(z)).any(-1).nonzero()[0, 0]) + start
-                raise KDError(f"teacher produced NaN/inf logits at row {rows[int(b_idx[bad])]} position {int(p_idx[bad])}; "
-                              f"check the weights or run with --dtype float32")
+            # NaN or +inf anywhere in a row makes its lse non-finite; the caller checks that on the
+            # host, after the copy, so that no check here waits for the GPU.
             lse_out.append(torch.logsumexp(z, dim=-1))
             vals, ids = torch.topk(z, self.top_k, dim=-1, sorted=True)
             ids_out.append(ids.to(torch.int32))
@@ -119,6 +116,14 @@ class Extractor:
         tol = 1e-3 if full.dtype == torch.float32 and ids.device.type == "cpu" else 5e-2
         if full.shape != mine.shape or not torch.allclose(full, mine, atol=tol * max(1.0, float(full.abs().max())), rtol=0):
             self.split = None  # unknown head composition: use the full forward
+
+
+def check_finite(lse: np.ndarray, values: np.ndarray, where) -> None:
+    """Refuse NaN / +inf teacher outputs, naming the first bad (row, position) via `where(i)`."""
+    bad = ~np.isfinite(lse) | ~np.isfinite(values).all(-1) if values.size else ~np.isfinite(lse)
+    if bad.any():
+        row, pos = where(int(np.flatnonzero(bad)[0]))
+        raise KDError(f"teacher produced NaN/inf logits at row {row} position {pos}; check the weights or run with --dtype float32")
 
 
 def to_value_dtype(values: np.ndarray, value_dtype: str) -> np.ndarray:

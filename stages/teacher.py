@@ -28,7 +28,7 @@ from pipeline.errors import KDError
 from pipeline.fingerprint import cache_key, dataset_fingerprint, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
 from pipeline.models import load_model, load_tokenizer, pick_device, pick_dtype
 from pipeline.progress import Progress, say
-from pipeline.softtargets import Extractor, to_value_dtype
+from pipeline.softtargets import Extractor, check_finite, to_value_dtype
 
 
 @dataclasses.dataclass
@@ -137,9 +137,9 @@ def run(cfg: TeacherConfig) -> dict:
                 continue
             examples = encoder.encode(dataset[s0:s1], s0)
             t0 = time.monotonic()
-            results = _run_teacher(extractor, examples, tokenizer, cfg.batch_tokens, device)
+            launched = _run_teacher(extractor, examples, tokenizer, cfg.batch_tokens, device)
             stats["teacher_seconds"] += time.monotonic() - t0
-            pending.append(writer.submit(_write, path, examples, results, schema, cfg.value_dtype,
+            pending.append(writer.submit(_write, path, examples, launched, schema, cfg.value_dtype,
                                          {**meta, "rows": f"{s0}-{s1}"}))
             while len(pending) > 1:  # bounded: at most one shard waits while the next one computes
                 records.append(pending.pop(0).result())
@@ -209,9 +209,13 @@ def resolve_inputs(cfg: TeacherConfig) -> Inputs:
 
 
 def _run_teacher(extractor, examples, tokenizer, batch_tokens, device):
-    """Per example (in input order): (topk_ids [p,k] int32, topk z/T [p,k] f32, lse [p] f32)."""
+    """Launch the teacher on every batch of a shard, length-bucketed under the token budget.
+
+    Results come back as device-to-host copies still in flight plus an event: nothing here
+    waits for the GPU, so the writer thread (which synchronises on the event) overlaps the
+    copies and the Parquet writing with the next shard's forward passes."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results = [None] * len(examples)
+    launched = []
     for batch in token_budget_batches([len(e.input_ids) for e in examples], batch_tokens):
         width = max(len(examples[i].input_ids) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -220,9 +224,25 @@ def _run_teacher(extractor, examples, tokenizer, batch_tokens, device):
             n = len(examples[i].input_ids)
             ids[b, :n] = torch.tensor(examples[i].input_ids)
             att[b, :n] = 1
-        positions = [examples[i].positions for i in batch]
-        top_ids, top_vals, lse = extractor(ids.to(device), att.to(device), positions, [examples[i].row for i in batch])
-        top_ids, top_vals, lse = top_ids.cpu().numpy(), top_vals.float().cpu().numpy(), lse.float().cpu().numpy()
+        res = extractor(ids.to(device, non_blocking=True), att.to(device, non_blocking=True),
+                        [examples[i].positions for i in batch])
+        launched.append((batch, *(t.to("cpu", non_blocking=True) for t in res)))
+    event = None
+    if device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+    return launched, event
+
+
+def _collect(examples, launched, event):
+    """Per example, in input order: (topk_ids [p,k] int32, z/T [p,k] float32, lse [p] float32)."""
+    if event is not None:
+        event.synchronize()
+    results = [None] * len(examples)
+    for batch, top_ids, top_vals, lse in launched:
+        top_ids, top_vals, lse = top_ids.numpy(), top_vals.float().numpy(), lse.float().numpy()
+        owners = [(i, p) for i in batch for p in examples[i].positions]
+        check_finite(lse, top_vals, lambda j: (examples[owners[j][0]].row, owners[j][1]))
         offset = 0
         for i in batch:
             p = len(examples[i].positions)
@@ -238,7 +258,8 @@ def _nested(values: np.ndarray, row_counts: list[int], k: int, arrow_type) -> pa
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int32)), inner)
 
 
-def _write(path: Path, examples, results, schema: pa.Schema, value_dtype: str, meta: dict) -> dict:
+def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, meta: dict) -> dict:
+    results = _collect(examples, *launched)
     counts = [len(e.positions) for e in examples]
     k = int(meta["top_k"])
     ids = np.concatenate([r[0] for r in results]).reshape(-1, k) if results else np.zeros((0, k), np.int32)

@@ -278,8 +278,9 @@ def test_config_file_and_flags_win(tmp_path, models, datasets_dir):
 def _one_line_error(result) -> str:
     assert result.exit_code != 0
     lines = [l for l in result.output.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
+    errors = [l for l in lines if l.startswith("Error:")]  # progress lines may precede it
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    return errors[0]
 
 
 def test_bad_input_is_one_clear_line(tmp_path, models, datasets_dir, tokenizer_dir):
