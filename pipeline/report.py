@@ -114,9 +114,38 @@ def table(rows: list[dict], task_type: str) -> str:
     return "\n".join(lines)
 
 
+def metrics_row(name: str, path: str, role: str, scored_from: str, task_type: str, scores: dict, cost: dict) -> dict:
+    metric = PRIMARY[task_type]
+    return {"name": name, "model": path, "role": role, "scored_from": scored_from, "task_type": task_type,
+            "metric": metric, "value": scores.get(metric), **scores, **cost}
+
+
+def teacher_notes(stats: dict, teacher: dict) -> list[str]:
+    """What the teacher's numbers mean when they come from a top-k cache rather than a forward."""
+    T, k, task_type = float(stats["temperature"]), int(stats["top_k"]), stats["task_type"]
+    notes = [f"KL(T‖S) at T = 1 over the teacher's stored top-{k}"
+             + (" plus one bucket for the remaining (tail) mass." if T == 1.0 else
+                f", renormalised: the cache holds z/T at T = {T:g}, so the T = 1 tail is unknown "
+                f"(a proxy, exact when the tail is small).")]
+    if task_type.endswith("classification") and teacher.get("ece") is None:
+        notes.append(f"Teacher ECE is empty: from the top-{k} of {stats['outputs']} classes at T = {T:g} "
+                     f"its T = 1 confidence is not recoverable.")
+    elif not task_type.endswith("classification") and teacher.get("perplexity") is None:
+        notes.append(f"Teacher perplexity is empty: the cache holds z/T at T = {T:g}, from which a token's T = 1 "
+                     f"probability is not recoverable; evaluate with a T = 1 cache (or --teacher without --targets).")
+    elif teacher.get("teacher_labels_outside_topk"):
+        notes.append(f"Teacher perplexity comes from the cache: {100 * teacher['teacher_labels_outside_topk']:.1f}% of "
+                     f"target tokens fell outside the stored top-{k}; for those p is taken as min(tail mass, p_k), "
+                     f"an upper bound, so the value is a lower bound (≥).")
+    return notes
+
+
 def markdown(rows: list[dict], task_type: str, header: list[str], notes: list[str],
              plot_name: str | None) -> str:
-    parts = [f"# kd eval — {task_type}", "", *header, "", table(rows, task_type), ""]
+    if any(r.get("role") == "teacher" for r in rows):
+        notes = ["% of teacher = student ÷ teacher (for perplexity, lower is better: teacher ÷ student); "
+                 "params % = student ÷ teacher parameters; speed-up = student ÷ teacher examples/s.", *notes]
+    parts = [f"# kd eval — {task_type}", "", *(x for h in header for x in (h, "")), table(rows, task_type), ""]
     if notes:
         parts += ["Notes:", "", *(f"- {n}" for n in notes), ""]
     if plot_name:
@@ -133,7 +162,10 @@ def plot(path: Path, rows: list[dict], task_type: str) -> None:
     import matplotlib.pyplot as plt
 
     metric = PRIMARY[task_type]
+    import matplotlib.ticker  # noqa: F401  (NullFormatter below)
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig.suptitle(f"{task_type}: {LABELS[metric]} against cost")
     teacher = next((r for r in rows if r.get("role") == "teacher"), None)
     for ax, x, xlabel in ((axes[0], "params", "parameters"), (axes[1], "examples_per_s", "examples/s (this device)")):
         for r in rows:
@@ -147,6 +179,8 @@ def plot(path: Path, rows: list[dict], task_type: str) -> None:
             ax.axhline(teacher[metric], color="tab:red", linestyle="--", linewidth=1, label="teacher level")
         if any(r.get(x) for r in rows):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(LABELS[metric] + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.grid(True, alpha=0.3)

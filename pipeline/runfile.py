@@ -1,0 +1,164 @@
+"""The pipeline YAML of `kd run`: one file naming the data, the teacher, the cache, the
+students and the evaluation, turned into the stage configs that the recipes take.
+
+Everything is checked before any stage runs -- unknown keys (at every level, against the
+stages' own flags), missing files, a student list without names -- because a typo found after
+an hour of teacher inference is an hour lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import KDError
+
+TOP_KEYS = {"name", "workdir", "task_type", "data", "teacher", "targets", "students", "eval"}
+DATA_KEYS = {"train", "validation", "test", "text_column", "text_pair_column", "label_column", "id_column", "limit"}
+TEACHER_KEYS = {"model", "finetune"}
+PACKAGE_PREFIX = "python-package:"
+
+
+@dataclasses.dataclass
+class Plan:
+    """The stage configs of one pipeline, in execution order."""
+
+    name: str
+    workdir: Path
+    finetune: Any | None            # TrainConfig of stage 0, or None
+    targets: dict[str, Any]         # split -> TeacherConfig
+    students: list[tuple[str, Any]]  # (name, TrainConfig)
+    evaluation: Any | None          # EvalConfig
+
+
+def _norm(d: Any, where: str) -> dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise KDError(f"{where} must be a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
+
+
+def _check_keys(d: dict, allowed: set[str], where: str, path: Path) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise KDError(f"{path}: unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+
+
+def resolve_path(value: str, base: Path, what: str, path: Path, must_exist: bool | None = None) -> str:
+    """A file named in the YAML: relative to the YAML's folder; `python-package:PKG/sub/dir`
+    names a folder inside an installed package (how the demo finds its bundled teacher)."""
+    value = str(value)
+    if value.startswith(PACKAGE_PREFIX):
+        pkg, _, sub = value[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise KDError(f"{path}: {what} names package {pkg!r}, which is not installed (pip install it, e.g. the [demo] extra)")
+        found = Path(list(spec.submodule_search_locations)[0]) / sub
+        if not found.exists():
+            raise KDError(f"{path}: {what} {value!r}: {found} does not exist")
+        return str(found)
+    p = Path(os.path.expanduser(value))
+    p = p if p.is_absolute() else base / p
+    explicit = value.startswith(("/", "./", "../", "~")) or any(ch in value for ch in "*?[")
+    if p.exists() or any(ch in value for ch in "*?["):
+        return str(p)
+    if must_exist or (must_exist is None and explicit):
+        raise KDError(f"{path}: {what} {value!r} does not exist ({p})")
+    return value  # a hub id
+
+
+def _build(cls, values: dict, where: str, path: Path):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    _check_keys(values, fields, where, path)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise KDError(f"{path}: {where}: {exc}") from None
+
+
+def load(path: str | Path, workdir: str | None = None) -> Plan:
+    import yaml
+
+    from stages.evaluate import EvalConfig
+    from stages.teacher import TeacherConfig
+    from stages.train import TrainConfig
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KDError(f"cannot read pipeline file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise KDError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    doc = _norm(raw, str(path))
+    _check_keys(doc, TOP_KEYS, "the top level", path)
+    base = path.resolve().parent
+    task_type = doc.get("task_type")
+    if not task_type:
+        raise KDError(f"{path}: task_type is required (sequence-classification, token-classification, masked-lm, causal-lm)")
+    work = Path(workdir) if workdir else Path(resolve_path(doc.get("workdir", "runs/" + path.stem), base, "workdir", path, False))
+
+    data = _norm(doc.get("data"), "data")
+    _check_keys(data, DATA_KEYS, "data", path)
+    if "train" not in data:
+        raise KDError(f"{path}: data.train is required (the split the teacher labels and the students learn from)")
+    splits = {s: resolve_path(data[s], base, f"data.{s}", path) for s in ("train", "validation", "test") if data.get(s)}
+    columns = {k: data[k] for k in ("text_column", "text_pair_column", "label_column") if data.get(k)}
+    limit = data.get("limit")
+    limits = limit if isinstance(limit, dict) else {s: limit for s in splits}
+
+    teacher = _norm(doc.get("teacher"), "teacher")
+    _check_keys(teacher, TEACHER_KEYS, "teacher", path)
+    if not teacher.get("model"):
+        raise KDError(f"{path}: teacher.model is required")
+    teacher_model = resolve_path(teacher["model"], base, "teacher.model", path)
+    finetune = None
+    if teacher.get("finetune") is not None:
+        ft = _norm(teacher["finetune"], "teacher.finetune")
+        ft = {"data": splits["train"], "split": "train", "task_type": task_type, "student": teacher_model,
+              "limit": limits.get("train"), **columns, **ft, "out": str(work / "teacher")}
+        finetune = _build(TrainConfig, ft, "teacher.finetune", path)
+        teacher_model = finetune.out
+
+    tgt = _norm(doc.get("targets"), "targets")
+    cache_root = tgt.pop("cache_root", None)
+    cache_root = resolve_path(cache_root, base, "targets.cache_root", path, False) if cache_root else str(work / "caches")
+    targets = {}
+    for split, file in splits.items():
+        values = {"model": teacher_model, "data": file, "split": split,
+                  "task_type": task_type, "limit": limits.get(split), **columns, **tgt,
+                  "cache_root": cache_root, "out": str(work / "targets" / split)}
+        targets[split] = _build(TeacherConfig, values, "targets", path)
+
+    students = []
+    for i, s in enumerate(doc.get("students") or []):
+        s = _norm(s, f"students[{i}]")
+        name = s.pop("name", None)
+        if not name:
+            raise KDError(f"{path}: students[{i}] needs a name (its output goes to workdir/students/NAME)")
+        if s.get("student_from_teacher") is True:
+            s["student_from_teacher"] = teacher_model  # `true` means: the (fine-tuned) teacher of this pipeline
+        elif s.get("student"):
+            s["student"] = resolve_path(s["student"], base, f"students[{i}].student", path)
+        values = {"targets": str(work / "targets" / "train"), "out": str(work / "students" / name), **s}
+        if "validation" in targets and "eval_targets" not in s:
+            values["eval_targets"] = str(work / "targets" / "validation")
+        students.append((name, _build(TrainConfig, values, f"students[{i}] ({name})", path)))
+    if len({n for n, _ in students}) != len(students):
+        raise KDError(f"{path}: two students share a name; names must be unique")
+
+    evaluation = None
+    if doc.get("eval") is not None:
+        ev = _norm(doc.get("eval"), "eval")
+        split = ev.pop("split", "test")
+        if split not in splits:
+            raise KDError(f"{path}: eval.split {split!r} is not one of the data splits ({', '.join(splits)})")
+        values = {"model": [str(c.out) for _, c in students], "data": splits[split],
+                  "split": split, "targets": str(work / "targets" / split),
+                  "task_type": task_type, **columns, **ev, "out": str(work / "eval")}
+        evaluation = _build(EvalConfig, values, "eval", path)
+    return Plan(doc.get("name", path.stem), work, finetune, targets, students, evaluation)

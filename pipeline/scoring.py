@@ -1,0 +1,142 @@
+"""Running scores of one model (or of the teacher's cache) over streamed evaluation rows.
+
+Kept apart from the stage-3 recipe so that the recipe reads as the order of work, and so
+that the arithmetic -- gold labels per task type, teacher probabilities from a cache -- can
+be tested on its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline import metrics as M
+
+class Tally:
+    """Running sums for one model over streamed rows. Classification keeps one prediction, label
+    and probability row per position (F1 and ECE need them all, and C is small); language models
+    keep sums only, so a split of any size streams in bounded memory."""
+
+    def __init__(self, task_type: str, id2label: dict[int, str], from_cache: bool = False):
+        self.task_type, self.id2label, self.from_cache = task_type, id2label, from_cache
+        self.classify = task_type.endswith("classification")
+        self.preds, self.gold, self.probs, self.true_tags, self.pred_tags = [], [], [], [], []
+        self.calibrated, self.exact_nll = True, True
+        self.nll, self.tokens, self.outside = 0.0, 0, 0
+        self.agree, self.kl, self.compared, self.rows, self.positions = 0, 0.0, 0, 0, 0
+
+    def add_model(self, rows: list[dict], logits: torch.Tensor, temperature: float | None) -> None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        gold = self._count(rows)
+        if self.classify:
+            self._classified(rows, gold, logp.argmax(-1).numpy(), logp.double().exp().numpy())
+        else:
+            keep = gold != M.IGNORE_INDEX
+            at = torch.from_numpy(np.where(keep, gold, 0))[:, None]
+            self.nll -= float(logp.gather(1, at)[:, 0].double().numpy()[keep].sum())
+            self.tokens += int(keep.sum())
+        if rows and rows[0].get("teacher") is not None and len(gold):
+            ids, vals, lse = (np.concatenate([r["teacher"][i] for r in rows]) for i in range(3))
+            lp = logp.numpy()
+            self.agree += int((lp.argmax(-1) == M.teacher_predictions(ids)).sum())
+            self.kl += float(M.kl_per_position(lp, ids, vals, lse, temperature).sum())
+            self.compared += len(ids)
+
+    def add_cached_teacher(self, rows: list[dict], temperature: float) -> None:
+        """The teacher's own scores from its stored top-k (report.teacher_notes says what is exact)."""
+        gold = self._count(rows)
+        ids, vals, lse = (np.concatenate([r["teacher"][i] for r in rows]).astype(t)
+                          for i, t in enumerate((np.int64, np.float64, np.float64)))
+        if self.classify:
+            self._classified(rows, gold, M.teacher_predictions(ids), _cached_probs(ids, vals, lse, temperature, len(self.id2label)))
+            return
+        keep = gold != M.IGNORE_INDEX
+        self.tokens += int(keep.sum())
+        if temperature != 1.0:
+            self.exact_nll = False  # lse is over z/T: the T = 1 probability of a token is not recoverable
+            return
+        logp = vals - lse[:, None]
+        hit = ids == gold[:, None]
+        inside = hit.any(-1)
+        p_k, tail = np.exp(logp[:, -1]), M.teacher_tail_mass(vals, lse)  # a token outside the top-k has p <= both
+        bound = np.where(tail > 0, np.minimum(tail, p_k), p_k)
+        lp = np.where(inside, np.where(hit, logp, 0.0).sum(-1), np.log(bound))
+        self.nll -= float(lp[keep].sum())
+        self.outside += int((keep & ~inside).sum())
+
+    def _count(self, rows: list[dict]) -> np.ndarray:
+        gold = _gold(self.task_type, rows)
+        self.rows += len(rows)
+        self.positions += len(gold)
+        return gold
+
+    def _classified(self, rows, gold, preds, probs) -> None:
+        self.preds.append(np.asarray(preds))
+        self.gold.append(gold)
+        if probs is None:
+            self.calibrated = False
+        else:
+            self.probs.append(probs / probs.sum(-1, keepdims=True) if len(probs) else probs)
+        if self.task_type == "token-classification":
+            start = 0
+            for r in rows:
+                g, p = gold[start:start + len(r["positions"])], preds[start:start + len(r["positions"])]
+                start += len(r["positions"])
+                self.true_tags.append([self.id2label[int(x)] for x in g[g != M.IGNORE_INDEX]])
+                self.pred_tags.append([self.id2label[int(x)] for x in p[g != M.IGNORE_INDEX]])
+
+    def result(self) -> dict:
+        r: dict = {"rows": self.rows, "positions": self.positions}
+        gold = np.concatenate(self.gold) if self.gold else np.zeros(0, np.int64)
+        if self.classify and (gold != M.IGNORE_INDEX).any():
+            preds = np.concatenate(self.preds)
+            r["accuracy"] = M.accuracy(preds, gold)
+            if self.task_type == "sequence-classification":
+                r["macro_f1"] = M.macro_f1(preds, gold, num_classes=len(self.id2label) or None)
+            else:
+                e = M.entity_prf(self.true_tags, self.pred_tags)
+                r.update(entity_precision=e["precision"], entity_recall=e["recall"], entity_f1=e["f1"])
+            if self.calibrated:
+                r["ece"] = M.expected_calibration_error(np.concatenate(self.probs), gold)
+        if not self.classify and self.tokens and self.exact_nll:
+            r["perplexity"] = M.perplexity(self.nll, self.tokens)
+            if self.from_cache:
+                r["teacher_labels_outside_topk"] = self.outside / self.tokens
+        if self.compared:
+            r.update(agreement=self.agree / self.compared, kl=self.kl / self.compared)
+        return r
+
+
+def _cached_probs(ids, vals, lse, temperature: float, n_classes: int) -> np.ndarray | None:
+    """[P, C] teacher probabilities at T = 1 from the cache, or None where they are unknown.
+
+    k = C: exact (softmax of z). k < C at T = 1: the tail mass is spread evenly over the classes
+    not stored, which keeps the argmax and the confidence (all ECE uses) exact. k < C at T != 1:
+    the T = 1 normaliser is unknown, so no calibration."""
+    n, k = ids.shape
+    if n == 0:
+        return np.zeros((0, n_classes))
+    full = np.zeros((n, n_classes))
+    at = np.arange(n)[:, None]
+    if k == n_classes:
+        z = vals * temperature
+        p = np.exp(z - z.max(-1, keepdims=True))
+        full[at, ids] = p / p.sum(-1, keepdims=True)
+    elif temperature == 1.0:
+        p = np.exp(vals - lse[:, None])
+        full[:] = (np.clip(1.0 - p.sum(-1), 0.0, 1.0) / (n_classes - k))[:, None]
+        full[at, ids] = p
+    else:
+        return None
+    return full
+
+
+def _gold(task_type: str, rows: list[dict]) -> np.ndarray:
+    """The hard label of every target position, -100 where there is none."""
+    if task_type == "sequence-classification":
+        g = [M.IGNORE_INDEX if r["labels"] is None else r["labels"] for r in rows for _ in r["positions"]]
+    elif task_type == "causal-lm":
+        g = [r["input_ids"][p + 1] for r in rows for p in r["positions"]]
+    else:
+        g = [M.IGNORE_INDEX if r["labels"] is None else r["labels"][p] for r in rows for p in r["positions"]]
+    return np.asarray(g, dtype=np.int64)

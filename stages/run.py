@@ -1,0 +1,57 @@
+"""`kd run pipeline.yaml` — every stage of one distillation, in order, reusing what is done.
+
+Read top to bottom: parse and check the whole YAML (nothing runs if any of it is wrong), then
+stage 0 (fine-tune the teacher, if asked), stage 1 for each data split (one cache per split,
+kept under the workdir's cache root by key), stage 2 for each student (all from the one train
+cache: the teacher runs once), stage 3. Each stage finds its own complete output by key and
+does no work then; the first failure stops the run with the stage named.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline import runfile
+from pipeline.errors import KDError
+from pipeline.progress import say
+
+
+def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, progress: bool = True) -> dict:
+    from stages import evaluate, teacher, train
+
+    plan = runfile.load(pipeline_file, workdir)
+    steps = []
+    if plan.finetune is not None:
+        steps.append(("stage 0: fine-tune the teacher", train.run, plan.finetune))
+    for split, cfg in plan.targets.items():
+        steps.append((f"stage 1: teacher targets for {split}", teacher.run, cfg))
+    for name, cfg in plan.students:
+        steps.append((f"stage 2: student {name}", train.run, cfg))
+    if plan.evaluation is not None:
+        steps.append(("stage 3: evaluation", evaluate.run, plan.evaluation))
+    say(f"pipeline {plan.name}: {len(steps)} steps in {plan.workdir}")
+    if dry_run:
+        for i, (title, _, cfg) in enumerate(steps, 1):
+            say(f"  [{i}/{len(steps)}] {title} -> {getattr(cfg, 'out', None)}")
+        return {"workdir": str(plan.workdir), "steps": [t for t, _, _ in steps], "ran": [], "reused": []}
+
+    ran, reused, results = [], [], {}
+    for i, (title, fn, cfg) in enumerate(steps, 1):
+        say(f"[{i}/{len(steps)}] {title}")
+        if hasattr(cfg, "progress"):
+            cfg.progress = progress
+        t0 = time.monotonic()
+        try:
+            result = fn(cfg) or {}
+        except KDError as exc:
+            raise KDError(f"{title} failed: {exc}") from None
+        was_reused = bool(result.get("cache_hit") or result.get("cached") or result.get("reused"))
+        (reused if was_reused else ran).append(title)
+        results[title] = result
+        say(f"[{i}/{len(steps)}] {title}: {'reused, no work' if was_reused else f'done in {time.monotonic() - t0:.1f}s'}")
+    if not ran:
+        say(f"nothing to do: all {len(steps)} steps were already complete and match")
+    report = Path(plan.evaluation.out) / "report.md" if plan.evaluation is not None else None
+    return {"workdir": str(plan.workdir), "ran": ran, "reused": reused,
+            "report": str(report) if report else None, "results": results}
