@@ -55,3 +55,35 @@ def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, p
     report = Path(plan.evaluation.out) / "report.md" if plan.evaluation is not None else None
     return {"workdir": str(plan.workdir), "ran": ran, "reused": reused,
             "report": str(report) if report else None, "results": results}
+
+
+DEMO_YAML = Path(__file__).resolve().parents[1] / "data" / "demo" / "pipeline.yaml"
+QUICK = {"limit": {"train": 256, "validation": 64, "test": 128}, "max_steps": 8}
+
+
+def demo(workdir: str = "runs/demo", quick: bool = False, progress: bool = True) -> dict:
+    """The embedded default, end to end; `quick` is the reduced run CI keeps from rotting."""
+    import yaml
+
+    if not DEMO_YAML.exists():
+        raise KDError(f"the demo pipeline {DEMO_YAML} is missing: run kd demo from a checkout (pip install -e .)")
+    doc = yaml.safe_load(DEMO_YAML.read_text(encoding="utf-8"))
+    base = DEMO_YAML.parent
+    for split, file in doc["data"].items():
+        if split in ("train", "validation", "test"):
+            doc["data"][split] = str((base / file).resolve())
+    if quick:
+        doc["data"]["limit"] = QUICK["limit"]
+        doc["teacher"]["finetune"]["max_steps"] = QUICK["max_steps"]
+        for s in doc["students"]:
+            s["max_steps"] = QUICK["max_steps"]
+        doc["eval"]["timing_examples"] = 8
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    from pipeline import io
+
+    io.write_text(work / "pipeline.yaml", yaml.safe_dump(doc, sort_keys=False))
+    t0 = time.monotonic()
+    result = run(str(work / "pipeline.yaml"), workdir=str(work), progress=progress)
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    return result
