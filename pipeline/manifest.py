@@ -82,11 +82,12 @@ def write_task_record(out: Path, index: int, record: dict[str, Any]) -> None:
 def status(out: Path) -> dict[str, Any]:
     out = Path(out)
     plan = read_plan(out)
-    done = done_tasks(out)
     n = plan["num_tasks"]
+    complete = (out / MANIFEST).exists()
+    done = sorted(range(n)) if complete else sorted(done_tasks(out))  # single-process stages keep no records
     missing = [i for i in range(n) if i not in done]
-    return {"kind": plan["kind"], "key": plan["key"], "num_tasks": n, "done": sorted(done),
-            "missing": missing, "complete": (out / MANIFEST).exists()}
+    return {"kind": plan["kind"], "key": plan["key"], "num_tasks": n, "done": done,
+            "missing": missing, "complete": complete}
 
 
 def finalize(out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
