@@ -61,6 +61,15 @@ def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False
 PAYLOAD_COLUMNS = ("input_ids", "positions", "topk_ids", "topk_logits", "lse")
 
 
+def _leaf_path(schema: pa.Schema, name: str) -> str:
+    """Parquet's path to the values of a (nested) column: pyarrow applies per-column encodings
+    to leaf paths only, and silently ignores a top-level name of a list column."""
+    path, t = name, schema.field(name).type
+    while pa.types.is_list(t):
+        path, t = path + ".list.element", t.value_type
+    return path
+
+
 def write_shard(path: str | os.PathLike, table: pa.Table, metadata: dict[str, str]) -> dict:
     """Write one shard atomically; returns its file record (path name, rows, positions, bytes, sha256)."""
     meta = {f"{META_PREFIX}{k}".encode(): str(v).encode() for k, v in metadata.items()}
@@ -78,7 +87,7 @@ def write_shard(path: str | os.PathLike, table: pa.Table, metadata: dict[str, st
             compression="zstd",
             compression_level=1,
             use_dictionary=False,
-            use_byte_stream_split=list(PAYLOAD_COLUMNS),
+            use_byte_stream_split=[_leaf_path(table.schema, c) for c in PAYLOAD_COLUMNS],
             write_statistics=["row"],
             store_schema=True,
         )

@@ -1,0 +1,64 @@
+"""The shard format: schema per task type, the encodings actually written, metadata, checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import format as fmt
+from pipeline.errors import KDError
+
+
+def _table(value_dtype="float16", rows=50, k=4):
+    rng = np.random.default_rng(0)
+    schema = fmt.schema("causal-lm", value_dtype)
+    lens = rng.integers(2, 9, size=rows)
+    data = {
+        "row": list(range(rows)), "id": [str(i) for i in range(rows)], "text": ["x"] * rows,
+        "input_ids": [rng.integers(0, 1000, n).tolist() for n in lens], "labels": [None] * rows,
+        "truncated": [False] * rows, "positions": [list(range(n - 1)) for n in lens],
+        "topk_ids": [rng.integers(0, 1000, (n - 1, k)).tolist() for n in lens],
+        "topk_logits": [np.sort(rng.normal(size=(n - 1, k)), -1)[:, ::-1].astype(np.float32).tolist() for n in lens],
+        "lse": [rng.normal(size=n - 1).astype(np.float32).tolist() for n in lens],
+    }
+    return pa.Table.from_pydict({f.name: pa.array(data[f.name]).cast(f.type) for f in schema}, schema=schema)
+
+
+def test_payload_columns_use_byte_stream_split_and_zstd(tmp_path):
+    path = tmp_path / "s.parquet"
+    rec = fmt.write_shard(path, _table(), {"cache_key": "abc", "top_k": 4})
+    md = pq.ParquetFile(path).metadata
+    cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i) for i in range(md.num_columns)}
+    for name in fmt.PAYLOAD_COLUMNS:
+        leaf = next(c for p, c in cols.items() if p.split(".")[0] == name)
+        assert "BYTE_STREAM_SPLIT" in leaf.encodings, (name, leaf.encodings)
+        assert leaf.compression == "ZSTD"
+    assert rec["rows"] == 50 and rec["positions"] == sum(len(p) for p in _table()["positions"].to_pylist())
+    assert fmt.file_metadata(path)["format_version"] == "1" and fmt.file_metadata(path)["cache_key"] == "abc"
+
+
+def test_check_shard_refuses_wrong_schema_version_and_key(tmp_path):
+    path = tmp_path / "s.parquet"
+    fmt.write_shard(path, _table(), {"cache_key": "abc"})
+    fmt.check_shard(path, "causal-lm", "float16", False, "abc")
+    with pytest.raises(KDError, match="float"):
+        fmt.check_shard(path, "causal-lm", "float32", False)
+    with pytest.raises(KDError, match="belongs to cache"):
+        fmt.check_shard(path, "causal-lm", "float16", False, "other")
+    bad = tmp_path / "v2.parquet"
+    pq.write_table(_table().replace_schema_metadata({b"kd.format_version": b"2"}), bad)
+    with pytest.raises(KDError, match="format version '2'"):
+        fmt.check_shard(bad, "causal-lm", "float16", False)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet")
+    with pytest.raises(KDError, match="not a readable Parquet file"):
+        fmt.check_shard(junk, "causal-lm", "float16", False)
+
+
+def test_unknown_task_type_and_value_dtype():
+    with pytest.raises(KDError, match="unknown task type"):
+        fmt.schema("regression")
+    with pytest.raises(KDError, match="unknown value dtype"):
+        fmt.schema("causal-lm", "int8")
