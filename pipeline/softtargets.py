@@ -90,11 +90,16 @@ class Extractor:
                     raise KDError(f"--top-k {self.top_k} is larger than the teacher's {vocab} outputs; use --top-k {vocab} or less")
                 step = max(1, self.slab_bytes // (4 * vocab))
             chunk = feats[start:start + step]
-            z = (slab_fn(chunk) if slab_fn is not None else chunk).float() / self.temperature
+            # z is a private temporary (the head's output or a gathered copy), so it is reduced in
+            # place: one pass less than logsumexp's own max, no copy for /T at T = 1.
+            z = (slab_fn(chunk) if slab_fn is not None else chunk).float()
+            if self.temperature != 1.0:
+                z.div_(self.temperature)
+            vals, ids = torch.topk(z, self.top_k, dim=-1, sorted=True)
+            top = vals[:, :1]
             # NaN or +inf anywhere in a row makes its lse non-finite; the caller checks that on the
             # host, after the copy, so that no check here waits for the GPU.
-            lse_out.append(torch.logsumexp(z, dim=-1))
-            vals, ids = torch.topk(z, self.top_k, dim=-1, sorted=True)
+            lse_out.append(top.squeeze(-1) + z.sub_(top).exp_().sum(-1).log())
             ids_out.append(ids.to(torch.int32))
             val_out.append(vals)
             start += step
