@@ -1,0 +1,269 @@
+"""Making a student, checking that it fits a cache, and running it on target positions only.
+
+A student either comes whole (`--student DIR|HUB_ID`) or is cut from the teacher DistilBERT
+style (`--student-from-teacher MODEL --student-layers 0,2,4`): same config with fewer layers,
+the embeddings, the listed layers (renumbered) and the head copied. The layer stack is found
+generically -- the one nn.ModuleList whose length is config.num_hidden_layers -- so BERT-like
+(`bert.encoder.layer`) and Llama-like (`model.layers`) models both work without a table of
+architectures.
+
+A student that cannot learn from a cache must be refused before training, not after hours of
+it: token-level targets are indexed by the teacher's token ids, so the student must share the
+teacher's vocabulary; classification targets are indexed by label id, so the label sets must
+agree. Only sequence classification can use a student with its own tokenizer (it re-tokenises
+the stored text).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.errors import KDError
+from pipeline.fingerprint import model_fingerprint, resolve_model_dir, tokenizer_fingerprint
+from pipeline.models import AUTO_CLASSES, auto_class, load_tokenizer
+
+CLASSIFICATION = ("sequence-classification", "token-classification")
+
+
+def parse_layers(spec: str | Sequence[int] | None) -> list[int]:
+    """'0,2,4', '[0, 2, 4]' or [0, 2, 4] -> [0, 2, 4]."""
+    if spec is None or spec == "":
+        raise KDError("--student-from-teacher needs --student-layers, e.g. --student-layers 0,2,4")
+    if isinstance(spec, str):
+        parts = [p for p in re.split(r"[,\s\[\]]+", spec) if p]
+        try:
+            layers = [int(p) for p in parts]
+        except ValueError:
+            raise KDError(f"--student-layers {spec!r}: give layer indices like 0,2,4") from None
+    else:
+        layers = [int(x) for x in spec]
+    if not layers or len(set(layers)) != len(layers):
+        raise KDError(f"--student-layers {spec!r}: give distinct layer indices like 0,2,4")
+    return layers
+
+
+def default_names(n: int) -> list[str]:
+    return [f"LABEL_{i}" for i in range(n)]
+
+
+def label_names(config) -> list[str]:
+    id2label = getattr(config, "id2label", None) or {}
+    n = int(getattr(config, "num_labels", 0) or len(id2label))
+    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+
+
+def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The module path and nn.ModuleList of the transformer layers."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        names = ", ".join(name for name, _ in found) or "none"
+        raise KDError(f"cannot tell which module list holds the {n} layers of {type(model).__name__} "
+                      f"(candidates: {names}); pass a ready-made --student instead")
+    return found[0]
+
+
+def shrink(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A copy of `teacher` with only `layers` (in the order given), weights copied."""
+    prefix, stack = find_layer_list(teacher)
+    n = len(stack)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise KDError(f"--student-layers {bad} out of range: the teacher has layers 0..{n - 1}")
+    cfg = copy.deepcopy(teacher.config)
+    for key, value in list(vars(cfg).items()):  # per-layer settings, e.g. Llama's layer_types
+        if isinstance(value, list) and len(value) == n and key != "architectures":
+            setattr(cfg, key, [value[i] for i in layers])
+    cfg.num_hidden_layers = len(layers)
+    student = type(teacher)(cfg)
+    renumber = {old: new for new, old in enumerate(layers)}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    state = {}
+    for key, value in teacher.state_dict().items():
+        m = pattern.match(key)
+        if m is None:
+            state[key] = value
+        elif int(m.group(1)) in renumber:
+            state[f"{prefix}.{renumber[int(m.group(1))]}.{m.group(2)}"] = value
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+@dataclasses.dataclass
+class Student:
+    model: nn.Module
+    tokenizer: Any  # None: use the cache's (the teacher's) tokenizer
+    init: dict
+
+
+def _quiet() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def has_head(config, task_type: str) -> bool:
+    suffix = AUTO_CLASSES[task_type].replace("AutoModel", "")
+    return any(a.endswith(suffix) for a in (getattr(config, "architectures", None) or []))
+
+
+def load_student(task_type: str, *, student: str | None = None, from_teacher: str | None = None,
+                 layers=None, labels: list[str] | None = None, labels_are_ids: bool = False) -> Student:
+    """The initial student; `labels` is the label set a new classification head gets.
+
+    `labels_are_ids`: the labels are integers seen in a dataset (0..max), which says nothing of
+    labels that happen not to occur, so an existing head with at least that many keeps its own."""
+    if bool(student) == bool(from_teacher):
+        raise KDError("name the student: --student DIR|HUB_ID, or --student-from-teacher MODEL --student-layers 0,2,4 (not both)")
+    from transformers import AutoConfig
+
+    _quiet()
+    cls = auto_class(task_type)
+    path = resolve_model_dir(student or from_teacher)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise KDError(f"{path} is not a transformers model directory: {str(exc).splitlines()[0]}") from None
+    kw: dict[str, Any] = {"dtype": torch.float32}  # master weights; --dtype only sets autocast
+    if (labels_are_ids and labels and labels == default_names(len(labels)) and has_head(config, task_type)
+            and int(config.num_labels) >= len(labels)):
+        labels = label_names(config)
+    if task_type in CLASSIFICATION and labels is not None:
+        check_labels(config, labels, task_type, str(path), new_head_ok=not has_head(config, task_type))
+        if not has_head(config, task_type):
+            kw.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)})
+    try:
+        model = cls.from_pretrained(path, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise KDError(f"cannot load {path} for {task_type}: {str(exc).splitlines()[0]}") from None
+    if task_type in CLASSIFICATION and labels is not None and label_names(model.config) == default_names(len(labels)):
+        model.config.id2label = dict(enumerate(labels))  # so the saved student names its classes
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
+    if from_teacher:
+        layer_list = parse_layers(layers)
+        model = shrink(model, layer_list)
+        init = {"kind": "teacher-layers", "teacher": str(from_teacher), "layers": layer_list}
+    else:
+        init = {"kind": "student", "student": str(student)}
+    try:
+        init["sha256"] = model_fingerprint(Path(path))["sha256"]
+    except KDError:
+        pass
+    tokenizer = load_tokenizer(str(path)) if _has_tokenizer(Path(path)) else None
+    return Student(model=model, tokenizer=tokenizer, init=init)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    """Whether `path` holds tokenizer files: AutoTokenizer on a directory without any builds an
+    empty tokenizer from the model type (5 special tokens), which would pass for a real one."""
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+             "spiece.model", "sentencepiece.bpe.model")
+    return any((path / n).exists() for n in names)
+
+
+def check_labels(config, labels: list[str], task_type: str, where: str, new_head_ok: bool = False) -> None:
+    """Refuse a student head whose label count or (non-default) names differ from `labels`."""
+    if new_head_ok:
+        return
+    mine = label_names(config)
+    if len(mine) != len(labels):
+        raise KDError(f"student {where} has {len(mine)} labels ({', '.join(mine)}) but the targets have "
+                      f"{len(labels)} ({', '.join(labels)}); use a student with the same label set or one without a {task_type} head")
+    if mine != labels and mine != default_names(len(mine)) and labels != default_names(len(labels)):
+        raise KDError(f"student {where} labels ({', '.join(mine)}) differ from the targets' ({', '.join(labels)}); "
+                      f"use a student with the same label names in the same order")
+
+
+def check_fit(student: Student, task_type: str, cache_stats: dict, cache_tokenizer_fp: dict, where: str) -> str:
+    """How the student reads the cache: "ids" (the stored input_ids) or "retokenize" (its own
+    tokenizer on the stored text). Raises KDError, naming the mismatch, if it cannot."""
+    cfg = student.model.config
+    outputs = int(cache_stats["outputs"])
+    if task_type in CLASSIFICATION:
+        names = [str(v) for _, v in sorted((cache_stats.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+        check_labels(cfg, names or default_names(outputs), task_type, where)
+    tok = student.tokenizer
+    same = tok is None or tokenizer_fingerprint(tok)["sha256"] == cache_tokenizer_fp.get("sha256")
+    if task_type == "sequence-classification" and not same:
+        return "retokenize"
+    if tok is not None and not same:
+        fp = tokenizer_fingerprint(tok)
+        if fp["vocab_sha256"] != cache_tokenizer_fp.get("vocab_sha256"):
+            raise KDError(f"student {where} has another vocabulary ({fp['vocab_size']} tokens, vocab sha256 "
+                          f"{fp['vocab_sha256'][:12]}) than the teacher's ({cache_tokenizer_fp.get('vocab_size')} tokens, "
+                          f"{str(cache_tokenizer_fp.get('vocab_sha256'))[:12]}); {task_type} trains on the teacher's token ids, "
+                          f"so use a student with the teacher's tokenizer (e.g. --student-from-teacher)")
+    embeddings = student.model.get_input_embeddings().num_embeddings
+    need = int(cache_tokenizer_fp.get("vocab_size") or 0)
+    if embeddings < need:
+        raise KDError(f"student {where} embeds {embeddings} token ids but the teacher's tokenizer has {need}; "
+                      f"use a student with the teacher's vocabulary")
+    if task_type in ("masked-lm", "causal-lm") and int(cfg.vocab_size) != outputs:
+        raise KDError(f"student {where} predicts {cfg.vocab_size} tokens but the teacher's targets are over {outputs}; "
+                      f"use a student with the teacher's vocabulary size")
+    return "ids"
+
+
+class StudentForward(nn.Module):
+    """The student's logits at the target positions only.
+
+    For language-model heads the body runs once and the (vocabulary-sized) head only on the
+    gathered positions, which saves memory and time in masked-LM (~15% of tokens are
+    targets). The split is checked once against the model's own forward and dropped if the
+    model composes them differently. Wrapping this module (not the bare model) in DDP keeps
+    the split inside DDP's forward, so gradients are still synchronised.
+    """
+
+    def __init__(self, model: nn.Module, task_type: str):
+        super().__init__()
+        self.model, self.task_type = model, task_type
+        self.body, self.head = self._split()
+
+    def _split(self):
+        m = self.model
+        if self.task_type == "causal-lm" and hasattr(m, "get_decoder"):
+            body, head = m.get_decoder(), m.get_output_embeddings()
+        elif self.task_type == "masked-lm":
+            body = getattr(m, getattr(m, "base_model_prefix", ""), None)
+            head = next((getattr(m, n) for n in ("cls", "lm_head", "predictions") if hasattr(m, n)), None)
+        else:
+            return None, None
+        if body is None or head is None or not self._agrees(body, head):
+            return None, None
+        return body, head
+
+    @torch.no_grad()
+    def _agrees(self, body, head) -> bool:
+        m = self.model
+        was_training = m.training
+        m.eval()
+        try:
+            g = torch.Generator().manual_seed(0)
+            dev = next(m.parameters()).device
+            ids = torch.randint(0, int(m.config.vocab_size), (1, 8), generator=g).to(dev)
+            mask = torch.ones_like(ids)
+            full = m(input_ids=ids, attention_mask=mask).logits
+            split = head(body(input_ids=ids, attention_mask=mask)[0])
+            return full.shape == split.shape and torch.allclose(full.float(), split.float(), atol=1e-4, rtol=1e-4)
+        except Exception:
+            return False
+        finally:
+            m.train(was_training)
+
+    def forward(self, input_ids, attention_mask, b_idx, p_idx):
+        if self.body is not None:
+            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask)[0]
+            return self.head(hidden[b_idx, p_idx])
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if logits.dim() == 2:  # sequence classification: one output per example
+            return logits[b_idx]
+        return logits[b_idx, p_idx]

@@ -1,0 +1,378 @@
+"""Stage 2 — train a student from a targets cache (stage 0 without one: plain fine-tuning).
+
+Read top to bottom: pick this task's sweep entry, join the torchrun process group, open and
+verify the cache (or tokenise --data), build the student and refuse it if it cannot read the
+cache, claim the output directory under a key of everything that decides the result, build
+the streaming loader, then train: resume from the newest checkpoint if there is one, run
+optimizer steps of --grad-accum micro-batches with step-wide loss normalisation, checkpoint
+atomically every --save-every steps, and finally save the student with its tokenizer,
+metrics.jsonl and manifest.json. The teacher never runs here, and the cache is streamed row
+group by row group, never loaded whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import __version__, checkpoint, io, manifest, sweep
+from pipeline import format as fmt
+from pipeline.data import Columns, Encoder, load_split
+from pipeline.errors import KDError
+from pipeline.fingerprint import dataset_fingerprint, tokenizer_fingerprint
+from pipeline.loader import (Collate, ParquetSource, StreamingDataset, TableSource, encode_table, infer_labels,
+                             merged_order, unskipped, verify_shards)
+from pipeline.losses import LOSSES
+from pipeline.models import load_tokenizer, pick_device, pick_dtype
+from pipeline.progress import Progress, say
+from pipeline.students import StudentForward, check_fit, load_student
+from pipeline.training import (MetricsLog, Objective, close_distributed, debug_rows, evaluate, init_distributed,
+                               train_step)
+
+# Settings that do not change the trained weights (so a rerun with them changed still resumes).
+OPERATIONAL = ("out", "save_every", "progress", "sweep", "task_index", "eval_targets")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out: str | None = None
+    targets: str | None = None
+    data: str | None = None
+    split: str = "train"
+    task_type: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    labels: Any = None
+    max_length: int = 512
+    limit: int | None = None
+    student: str | None = None
+    student_from_teacher: str | None = None
+    student_layers: Any = None
+    alpha: float = 0.5
+    temperature: float | None = None
+    loss: str = "kl"
+    epochs: int = 3
+    max_steps: int | None = None
+    lr: float = 5e-5
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    save_every: int = 500
+    eval_targets: str | None = None
+    sweep: str | None = None
+    task_index: int | None = None
+    num_workers: int = 1
+    shuffle_buffer: int | None = None
+    device: str = "auto"
+    progress: bool = True
+
+
+def run(cfg: TrainConfig) -> dict | None:
+    """Train one student; returns the result on rank 0 (None on the other ranks)."""
+    if cfg.sweep:
+        cfg, index, name = sweep.select(cfg, cfg.sweep, cfg.task_index)
+        say(f"sweep entry {index} ({name}) -> {cfg.out}")
+    _check(cfg)
+    d = init_distributed()
+    try:
+        result = _train(cfg, d)
+    finally:
+        close_distributed(d)
+    return result if d.rank == 0 else None
+
+
+def _train(cfg: TrainConfig, d) -> dict:
+    t_start = time.monotonic()
+    torch.manual_seed(cfg.seed)  # a new head (or a student built from a config) starts the same everywhere
+    device = pick_device(cfg.device)
+    if d.on and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+    amp_dtype = pick_dtype(cfg.dtype, device)
+
+    # 1. The inputs: a verified targets cache, or a tokenised dataset (stage 0).
+    if cfg.targets:
+        cache = _open_cache(cfg.targets, d, cfg.task_type)
+        task_type, stats = cache["stats"]["task_type"], cache["stats"]
+        labels = [v for _, v in sorted((stats.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))] or None
+        student = load_student(task_type, student=cfg.student, from_teacher=cfg.student_from_teacher,
+                               layers=cfg.student_layers, labels=labels)
+        mode = check_fit(student, task_type, stats, cache["fingerprints"]["tokenizer"], cfg.student or cfg.student_from_teacher)
+        cache_tok = load_tokenizer(str(Path(cfg.targets) / "tokenizer"))
+        tokenizer = student.tokenizer if mode == "retokenize" else cache_tok
+        cache_t = float(stats["temperature"])
+        temperature = cache_t if cfg.temperature is None else float(cfg.temperature)
+        if not math.isclose(temperature, cache_t, rel_tol=1e-9) and d.rank == 0:
+            say(f"warning: training at T={temperature} but the cache holds T={cache_t}: the teacher's tail mass is "
+                f"only known at T={cache_t}, so the loss uses the renormalised top-{stats['top_k']} and is approximate")
+        obj = Objective(cfg.alpha, cfg.loss, cache_t, temperature, targets=True)
+        text_pair = bool((cache["config"].get("columns") or {}).get("text_pair"))
+        source = ParquetSource([Path(cfg.targets) / f["path"] for f in cache["files"]], task_type,
+                               stats["value_dtype"], text_pair, cache["key"])
+        collate = Collate(task_type, _pad(cache_tok), True, student.tokenizer if mode == "retokenize" else None,
+                          int(cache["config"].get("max_length", 512)))
+        upstream = [{"kind": "targets", "path": str(Path(cfg.targets).resolve()), "key": cache["key"]}]
+        inputs = {"targets": cache["key"]}
+    else:
+        task_type, text_pair, mode = cfg.task_type, bool(cfg.text_pair_column), "ids"
+        dataset = load_split(cfg.data, cfg.split, cfg.limit)
+        cols = Columns.resolve(dataset.column_names, task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
+        labels = infer_labels(dataset, cols.label, task_type, cfg.labels)
+        student = load_student(task_type, student=cfg.student, from_teacher=cfg.student_from_teacher,
+                               layers=cfg.student_layers, labels=labels, labels_are_ids=not cfg.labels)
+        labels = [student.model.config.id2label[i] for i in range(student.model.config.num_labels)] if labels else None
+        tokenizer = student.tokenizer
+        if tokenizer is None:
+            raise KDError(f"student {cfg.student or cfg.student_from_teacher} has no tokenizer; fine-tuning on --data needs one")
+        label2id = {n: i for i, n in enumerate(labels or [])}
+        encoder = Encoder(tokenizer, task_type, cols, cfg.max_length, label2id, len(labels or []), mask_seed=cfg.seed)
+        source = TableSource(encode_table(dataset, encoder))
+        collate = Collate(task_type, _pad(tokenizer), False)
+        obj = Objective(0.0, cfg.loss, 1.0, 1.0, targets=False)
+        temperature, upstream, cache, stats = None, [], None, None
+        inputs = {"data": dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols), len(dataset), cfg.limit,
+                                              getattr(dataset, "_fingerprint", None))["sha256"]}
+
+    # 2. The output directory, claimed under the key of everything that decides the weights.
+    out = Path(cfg.out)
+    config = {**dataclasses.asdict(cfg), "task_type": task_type, "temperature": temperature,
+              "alpha": obj.alpha, "world_size": d.world_size}
+    key = io.sha256_bytes(io.canonical_json({"config": {k: v for k, v in config.items() if k not in OPERATIONAL},
+                                              "inputs": inputs, "init": student.init}).encode())
+    if (out / manifest.MANIFEST).exists():
+        done = manifest.read_manifest(out)
+        if done.get("key") == key:
+            say(f"{out} already holds this student (key {key[:12]}); nothing to do")
+            return {"out": str(out), "key": key, "complete": True, "cached": True}
+        raise KDError(f"{out} holds a different {done.get('kind')} ({done.get('key', '?')[:12]}); choose another --out")
+    manifest.write_plan(out, {"kind": "student", "key": key, "num_tasks": 1, "created_at": manifest.now(),
+                              "config": config, "upstream": upstream, "init": student.init})
+    if d.rank == 0:
+        checkpoint.clean(out)
+    d.barrier()
+
+    # 3. The streaming loader: this rank's disjoint share of the rows, reshuffled every epoch.
+    data = StreamingDataset(source, collate, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer,
+                            rank=d.rank, world_size=d.world_size, num_workers=cfg.num_workers, text_pair=text_pair)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+        prefetch_factor=4 if cfg.num_workers > 0 else None)
+    eval_loader = _eval_loader(cfg, d, task_type, stats, cache, collate, mode) if cfg.eval_targets else None
+
+    # 4. Model, optimizer, schedule; then the newest checkpoint, if any, replaces all of them.
+    model = StudentForward(student.model, task_type).to(device)
+    model.train()
+    steps_per_epoch = [math.ceil(max(data.rank_batches(e)) / cfg.grad_accum) for e in range(cfg.epochs)]
+    total = cfg.max_steps or sum(steps_per_epoch)
+    if total < 1:
+        raise KDError("nothing to train: the data holds no rows (or --epochs/--max-steps is 0)")
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warm = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    step, epoch, cursor, rows_in_epoch = 0, 0, 0, 0
+    latest = checkpoint.latest(out)
+    if latest is not None:
+        ck = checkpoint.load(latest, d.rank, d.world_size)
+        model.model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if scaler is not None and "scaler" in ck["extra"]:
+            scaler.load_state_dict(ck["extra"]["scaler"])
+        checkpoint.set_rng_state(ck["rng"])
+        st = ck["state"]
+        step, epoch, cursor, rows_in_epoch = st["step"], st["epoch"], st["batches"], st["rows_in_epoch"]
+        if d.rank == 0:
+            say(f"resuming from {latest.name} (epoch {epoch}, {cursor} micro-batches into it)")
+    train_model = model
+    if d.on:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else contextlib.nullcontext
+    log = MetricsLog(out / "metrics.jsonl", d.rank == 0, step)
+    if eval_loader is not None and latest is None:
+        log.write({"event": "eval", "step": 0, **evaluate(model, eval_loader, obj, d, device, autocast)})
+
+    # 5. Train.
+    progress = Progress(total - step, f"train {out.name}", unit="steps", enabled=cfg.progress and d.rank == 0)
+    t_train, seen_positions, first_step, stream = time.monotonic(), 0, step, None
+    while step < total:
+        batches = data.rank_batches(epoch)
+        longest = max(batches)
+        if cursor >= longest:  # resumed exactly at the end of an epoch
+            log.write({"event": "epoch", "step": step, "epoch": epoch, "rows": rows_in_epoch, "cache_rows": source.num_rows})
+            epoch, cursor, rows_in_epoch = epoch + 1, 0, 0
+            continue
+        data.set_epoch(epoch, cursor)
+        stream = unskipped(iter(loader))
+        expected = iter(_expected_tags(data, epoch, cursor))
+        while cursor < longest and step < total:
+            micro = [next(stream, None) for _ in range(min(cfg.grad_accum, longest - cursor))]
+            cursor += len(micro)
+            for mb in micro:
+                if mb is not None:
+                    if tuple(mb["tag"]) != next(expected, None):
+                        raise RuntimeError(f"loader returned batch {mb['tag']} out of the planned order")
+                    debug_rows(mb, epoch, d)
+            t0 = time.monotonic()
+            res = train_step(train_model, micro, obj, d, device, autocast, scaler)
+            grad_norm = _optimizer_step(model, optimizer, scaler, cfg.max_grad_norm)
+            scheduler.step()
+            step += 1
+            rows_in_epoch += res["rows"]
+            seen_positions += res["positions"]
+            log.write({"step": step, "epoch": epoch, "loss": res["loss"], "kd": res["kd"], "ce": res["ce"],
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "positions": res["positions"],
+                       "rows": res["rows"], "seconds": round(time.monotonic() - t0, 5)})
+            progress.update(1)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                checkpoint.save(out, step, {"epoch": epoch, "batches": cursor, "rows_in_epoch": rows_in_epoch, "key": key},
+                                model=model.model.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict(), extra={"scaler": scaler.state_dict()} if scaler else None)
+        if cursor >= longest:
+            log.write({"event": "epoch", "step": step, "epoch": epoch, "rows": rows_in_epoch, "cache_rows": source.num_rows})
+            epoch, cursor, rows_in_epoch = epoch + 1, 0, 0
+    train_seconds = time.monotonic() - t_train
+    progress.close()
+    final_eval = evaluate(model, eval_loader, obj, d, device, autocast) if eval_loader is not None else None
+    if final_eval:
+        log.write({"event": "eval", "step": step, **final_eval})
+    log.close()
+    del stream, loader  # shuts down persistent workers
+
+    # 6. The student, its tokenizer and the manifest (written last: it marks the output complete).
+    if d.rank == 0:
+        student.model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        stats_out = _summary(out / "metrics.jsonl")
+        stats_out.update(steps=step, epochs_completed=epoch, world_size=d.world_size, device=str(device),
+                         dtype=str(amp_dtype), wall_seconds=round(time.monotonic() - t_start, 3),
+                         train_seconds=round(train_seconds, 3), resumed_from_step=first_step or None,
+                         positions_per_second=round(seen_positions / max(train_seconds, 1e-9), 1),
+                         steps_per_second=round((step - first_step) / max(train_seconds, 1e-9), 3))
+        files = [{"path": p.name, "bytes": p.stat().st_size, "sha256": io.sha256_file(p)}
+                 for p in sorted(out.iterdir()) if p.is_file() and p.name not in (manifest.PLAN, manifest.MANIFEST)]
+        io.write_json(out / manifest.MANIFEST, {
+            "kind": "student", "format_version": fmt.FORMAT_VERSION, "key": key, "created_at": manifest.now(),
+            "package": {"name": "kd-pipeline", "version": __version__, "python": platform.python_version()},
+            "config": config, "init": student.init, "upstream": upstream, "mode": mode,
+            "fingerprints": {"tokenizer": tokenizer_fingerprint(tokenizer)}, "files": files, "stats": stats_out})
+        checkpoint.remove_all(out)
+        say(f"student written to {out}: {step} steps, final loss {stats_out['final'].get('loss')}")
+    d.barrier()
+    return {"out": str(out), "key": key, "complete": True, "cached": False, "steps": step,
+            "final": _summary(out / "metrics.jsonl")["final"] if d.rank == 0 else None,
+            "eval": final_eval, "wall_seconds": round(time.monotonic() - t_start, 3)}
+
+
+def _check(cfg: TrainConfig) -> None:
+    if not cfg.out:
+        raise KDError("say where the student goes: --out DIR")
+    if not cfg.targets and not cfg.data:
+        raise KDError("give --targets DIR (distillation) or --data (plain fine-tuning)")
+    if cfg.targets and cfg.data:
+        raise KDError("--data is for fine-tuning without --targets (the cache already holds the data); drop one of them")
+    if not cfg.targets and not cfg.task_type:
+        raise KDError("fine-tuning without --targets needs --task-type")
+    if cfg.loss not in LOSSES:
+        raise KDError(f"unknown --loss {cfg.loss!r}: use one of {', '.join(LOSSES)}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise KDError(f"--alpha must be in [0, 1], got {cfg.alpha}")
+    if cfg.temperature is not None and cfg.temperature <= 0:
+        raise KDError(f"--temperature must be positive, got {cfg.temperature}")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise KDError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.max_steps is None and cfg.epochs < 1:
+        raise KDError("--epochs must be at least 1 (or give --max-steps)")
+    if cfg.eval_targets and not cfg.targets:
+        raise KDError("--eval-targets compares the student with a teacher's targets; it needs --targets too")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise KDError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+
+
+def _open_cache(path: str, d, task_type: str | None) -> dict:
+    """The manifest of a complete cache whose shards all match their checksums."""
+    m = manifest.read_manifest(Path(path), kind="targets")
+    if task_type and m["stats"]["task_type"] != task_type:
+        raise KDError(f"--task-type {task_type} but {path} holds {m['stats']['task_type']} targets; drop --task-type")
+    problems = [p for part in d.gather(verify_shards(Path(path), m["files"], (d.rank, d.world_size))) for p in part]
+    if problems:
+        raise KDError(f"cache {path} is damaged: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+                      + f"; run `kd verify {path}` and rebuild it with `kd teacher`")
+    return m
+
+
+def _eval_loader(cfg, d, task_type, stats, cache, collate, mode):
+    ev = _open_cache(cfg.eval_targets, d, task_type)
+    for what in ("outputs", "value_dtype"):
+        if what == "outputs" and ev["stats"][what] != stats[what]:
+            raise KDError(f"--eval-targets {cfg.eval_targets} has {ev['stats'][what]} outputs, the training cache {stats[what]}")
+    if mode == "ids" and ev["fingerprints"]["tokenizer"]["vocab_sha256"] != cache["fingerprints"]["tokenizer"]["vocab_sha256"]:
+        raise KDError(f"--eval-targets {cfg.eval_targets} was tokenised with another vocabulary than --targets; build both with the same teacher")
+    text_pair = bool((ev["config"].get("columns") or {}).get("text_pair"))
+    source = ParquetSource([Path(cfg.eval_targets) / f["path"] for f in ev["files"]], task_type,
+                           ev["stats"]["value_dtype"], text_pair, ev["key"])
+    ds = StreamingDataset(source, collate, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world_size,
+                          text_pair=text_pair)
+    ds.set_epoch(0)
+    return ds
+
+
+def _expected_tags(data: StreamingDataset, epoch: int, cursor: int):
+    """(consumer, batch) of every batch this rank will get, in the order the loader returns them."""
+    w = max(1, data.num_workers)
+    counts = data.consumer_batches(epoch)[data.rank * w:(data.rank + 1) * w]
+    return [(data.rank * w + wk, j) for wk, j in merged_order(counts)[cursor:]]
+
+
+def _optimizer_step(model, optimizer, scaler, max_norm: float) -> float:
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else float("inf")))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _summary(metrics_path: Path) -> dict:
+    """First and last losses (means over up to 10 steps) and evaluations, from metrics.jsonl."""
+    steps, evals = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        (evals if rec.get("event") == "eval" else steps if "event" not in rec else []).append(rec)
+
+    def mean(recs):
+        return {k: (sum(r[k] for r in recs) / len(recs) if recs and all(r.get(k) is not None for r in recs) else None)
+                for k in ("loss", "kd", "ce")}
+
+    n = max(1, min(10, len(steps) // 4))
+    return {"initial": mean(steps[:n]), "final": mean(steps[-n:]),
+            "eval_initial": next((e for e in evals if e["step"] == 0), None),
+            "eval_final": next((e for e in reversed(evals) if e["step"] > 0), None)}
