@@ -289,3 +289,28 @@ def test_errors_are_kderror():
         distillation_loss(s, ids, logits, lse, torch.tensor([0, 1]), alpha=0.5, num_positions=1)
     with pytest.raises(KDError, match="alpha"):
         distillation_loss(s, ids, logits, lse, torch.tensor([0, 1]), alpha=1.5)
+
+
+def test_cheap_and_exact_student_tail_agree(monkeypatch):
+    """The tail from log(1 - sum q) and from a logsumexp over the other logits agree where the
+    cheap route is used, and rows with a tiny tail take the exact one."""
+    import pipeline.losses as L
+
+    torch.manual_seed(0)
+    n, v, k = 12, 50, 5
+    s = torch.randn(n, v, dtype=torch.float64) * 3
+    s[:4, :k] += 40.0  # rows whose student mass sits almost entirely on the stored ids
+    z = torch.randn(n, v, dtype=torch.float64) * 2
+    ids = torch.argsort(z, dim=-1, descending=True)[:, :k]
+    ids[:4] = torch.arange(k)
+    vals = z.gather(1, ids)
+    lse = torch.logsumexp(z, -1)
+    results = {}
+    for name, threshold in (("exact", 1 - 1e-12), ("default", L.TAIL_EXACT_BELOW)):
+        monkeypatch.setattr(L, "TAIL_EXACT_BELOW", threshold)
+        x = s.clone().requires_grad_(True)
+        out = L.kd_loss_sum(x, ids, vals, lse, loss="kl")
+        out.backward()
+        results[name] = (out.detach(), x.grad)
+    torch.testing.assert_close(results["default"][0], results["exact"][0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(results["default"][1], results["exact"][1], rtol=1e-7, atol=1e-9)
