@@ -380,19 +380,10 @@ def unskipped(stream: Iterator[dict]) -> Iterator[dict]:
 def verify_shards(directory: Path, files: list[dict], part: tuple[int, int] = (0, 1)) -> list[str]:
     """Problems with this rank's share of the shards (size, sha256), so a damaged cache is
     refused before training instead of being trained on."""
-    from pipeline import io
+    from pipeline.manifest import verify_files
 
-    problems = []
     rank, world = part
-    for f in files[rank::world]:
-        p = Path(directory) / f["path"]
-        if not p.exists():
-            problems.append(f"{f['path']} is missing")
-        elif p.stat().st_size != f["bytes"]:
-            problems.append(f"{f['path']} has {p.stat().st_size} bytes, the manifest says {f['bytes']}")
-        elif io.sha256_file(p) != f["sha256"]:
-            problems.append(f"{f['path']} does not match its sha256 in the manifest")
-    return problems
+    return verify_files(directory, {"files": files[rank::world]})
 
 
 def infer_labels(dataset, column: str | None, task_type: str, given: str | list | None) -> list[str] | None:

@@ -76,9 +76,26 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer(path) -> bool:
+    """Whether a directory holds tokenizer files: AutoTokenizer on a directory without any builds
+    an empty tokenizer from the model type (5 special tokens), which would pass for a real one."""
+    from pathlib import Path
+
+    return any((Path(path) / n).exists() for n in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str):
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not has_tokenizer(path):
+        raise KDError(f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …); "
+                      f"save the tokenizer next to the model (tokenizer.save_pretrained)")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:

@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.errors import KDError
 from pipeline.fingerprint import model_fingerprint, resolve_model_dir, tokenizer_fingerprint
-from pipeline.models import AUTO_CLASSES, auto_class, load_tokenizer
+from pipeline.models import AUTO_CLASSES, auto_class, has_tokenizer, load_tokenizer
 
 CLASSIFICATION = ("sequence-classification", "token-classification")
 
@@ -158,16 +158,8 @@ def load_student(task_type: str, *, student: str | None = None, from_teacher: st
         init["sha256"] = model_fingerprint(Path(path))["sha256"]
     except KDError:
         pass
-    tokenizer = load_tokenizer(str(path)) if _has_tokenizer(Path(path)) else None
+    tokenizer = load_tokenizer(str(path)) if has_tokenizer(path) else None
     return Student(model=model, tokenizer=tokenizer, init=init)
-
-
-def _has_tokenizer(path: Path) -> bool:
-    """Whether `path` holds tokenizer files: AutoTokenizer on a directory without any builds an
-    empty tokenizer from the model type (5 special tokens), which would pass for a real one."""
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-             "spiece.model", "sentencepiece.bpe.model")
-    return any((path / n).exists() for n in names)
 
 
 def check_labels(config, labels: list[str], task_type: str, where: str, new_head_ok: bool = False) -> None:

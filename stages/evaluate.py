@@ -27,12 +27,11 @@ from pipeline import metrics as M
 from pipeline.data import Columns, Encoder, load_split
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, local_data_files, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
-from pipeline.models import load_model, load_tokenizer, pick_device, pick_dtype
+from pipeline.models import has_tokenizer, load_model, load_tokenizer, pick_device, pick_dtype
 from pipeline.progress import Progress, say
 
 ARCH_TASKS = {"ForSequenceClassification": "sequence-classification", "ForTokenClassification": "token-classification",
               "ForMaskedLM": "masked-lm", "ForCausalLM": "causal-lm"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 OUTPUTS = ("metrics.parquet", "report.md", "plot.png")
 CHUNK_ROWS = 512
 
@@ -286,7 +285,7 @@ def _candidate(path: str) -> Candidate:
         config = AutoConfig.from_pretrained(d)
     except Exception as exc:
         raise KDError(f"--model {path}: no usable config.json ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    tok = load_tokenizer(str(d)) if any((d / f).exists() for f in TOKENIZER_FILES) else None
+    tok = load_tokenizer(str(d)) if has_tokenizer(d) else None
     return Candidate(d, d.name or str(d), config, tok, m)
 
 
