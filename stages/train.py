@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -260,8 +261,12 @@ def _train(cfg: TrainConfig, d) -> dict:
 
     # 6. The student, its tokenizer and the manifest (written last: it marks the output complete).
     if d.rank == 0:
-        student.model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        staging = io.tmp_name(out / "final")  # written whole, then each file renamed into place
+        student.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for p in sorted(staging.iterdir()):
+            os.replace(p, out / p.name)
+        staging.rmdir()
         stats_out = _summary(out / "metrics.jsonl")
         stats_out.update(steps=step, epochs_completed=epoch, world_size=d.world_size, device=str(device),
                          dtype=str(amp_dtype), wall_seconds=round(time.monotonic() - t_start, 3),
