@@ -162,7 +162,7 @@ def plot(path: Path, rows: list[dict], task_type: str) -> None:
     import matplotlib.pyplot as plt
 
     metric = PRIMARY[task_type]
-    import matplotlib.ticker  # noqa: F401  (NullFormatter below)
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     fig.suptitle(f"{task_type}: {LABELS[metric]} against cost")
@@ -178,7 +178,9 @@ def plot(path: Path, rows: list[dict], task_type: str) -> None:
         if teacher is not None and teacher.get(metric) is not None and math.isfinite(teacher[metric]):
             ax.axhline(teacher[metric], color="tab:red", linestyle="--", linewidth=1, label="teacher level")
         if any(r.get(x) for r in rows):
-            ax.set_xscale("log")
+            ax.set_xscale("log")  # labelled at 1-2-5 steps: models often sit within one decade
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _si(v)))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(xlabel)
@@ -190,3 +192,11 @@ def plot(path: Path, rows: list[dict], task_type: str) -> None:
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def _si(v: float) -> str:
+    """12000000 -> '12M': axis labels for parameter counts and throughputs."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:g}{suffix}"
+    return f"{v:g}"
