@@ -79,7 +79,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import manifest  # noqa: E402
-from pipeline.data import Encoder, token_budget_batches  # noqa: E402
+from pipeline.data import Encoder, pad_batch, pad_id, token_budget_batches  # noqa: E402
 from pipeline.inspection import summarize  # noqa: E402
 from pipeline.models import load_model, pick_device, pick_dtype  # noqa: E402
 from pipeline.softtargets import Extractor  # noqa: E402
@@ -158,22 +158,16 @@ class Batches:
         self.tokenizer = inp.tokenizer
         encoder = Encoder(inp.tokenizer, cfg.task_type, inp.cols, cfg.max_length, {}, inp.mconfig.num_labels,
                           cfg.mask_seed, cfg.mask_prob, inp.id_column)
-        pad = inp.tokenizer.pad_token_id if inp.tokenizer.pad_token_id is not None else 0
+        pad = pad_id(inp.tokenizer)
         self.rows = len(inp.dataset)
         shard_rows = cfg.shard_rows or max(1, 1_000_000 // cfg.max_length)  # as stages/teacher.py, LM tasks
         self.tensors, self.examples, self.positions, self.tokens, self.padded = [], [], 0, 0, 0
         for s0 in range(0, self.rows, shard_rows):
             examples = encoder.encode(inp.dataset[s0:min(self.rows, s0 + shard_rows)], s0)
             for batch in token_budget_batches([len(e.input_ids) for e in examples], cfg.batch_tokens):
-                width = max(len(examples[i].input_ids) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                att = torch.zeros((len(batch), width), dtype=torch.long)
-                for b, i in enumerate(batch):
-                    n = len(examples[i].input_ids)
-                    ids[b, :n] = torch.tensor(examples[i].input_ids)
-                    att[b, :n] = 1
-                    self.tokens += n
-                    self.positions += len(examples[i].positions)
+                ids, att = pad_batch([examples[i].input_ids for i in batch], pad)
+                self.tokens += int(att.sum())
+                self.positions += sum(len(examples[i].positions) for i in batch)
                 self.padded += ids.numel()
                 self.tensors.append((ids, att))
                 self.examples.append([examples[i] for i in batch])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data import pad_batch
 from pipeline.fingerprint import WEIGHT_SUFFIXES
 
 
@@ -36,14 +37,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids and attention_mask for a list of id sequences."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-        att[b, :len(r)] = 1
+def model_inputs(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Padded input_ids and attention_mask for a list of id sequences, on `device`."""
+    ids, att = pad_batch(rows, pad_id)
     return {"input_ids": ids.to(device), "attention_mask": att.to(device)}
 
 
@@ -56,16 +52,16 @@ def measure_speed(model, sample: list[list[int]], pad_id: int, batch_size: int,
     if not sample:
         return {"examples_per_s": None, "latency_p50_ms": None, "timing_examples": 0}
     for r in sample[:warmup]:
-        model(**pad_batch([r], pad_id, device))
+        model(**model_inputs([r], pad_id, device))
     _sync(device)
     latencies = []
     for r in sample:
-        inputs = pad_batch([r], pad_id, device)
+        inputs = model_inputs([r], pad_id, device)
         t0 = time.perf_counter()
         model(**inputs)
         _sync(device)
         latencies.append(time.perf_counter() - t0)
-    batches = [pad_batch(sample[i:i + batch_size], pad_id, device) for i in range(0, len(sample), batch_size)]
+    batches = [model_inputs(sample[i:i + batch_size], pad_id, device) for i in range(0, len(sample), batch_size)]
     model(**batches[0])
     _sync(device)
     t0 = time.perf_counter()

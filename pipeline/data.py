@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.errors import KDError
 from pipeline.fingerprint import local_data_files
@@ -206,3 +207,20 @@ def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int
     if cur:
         batches.append(cur)
     return batches
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad with: tokenizers without a pad token (many LLMs) pad with 0, which the
+    attention mask hides."""
+    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+
+def pad_batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and the attention mask (CPU, int64) for a list of id sequences."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+        att[b, :len(r)] = 1
+    return ids, att

@@ -24,7 +24,7 @@ import torch
 from pipeline import __version__, costs, io, manifest, report, scoring
 from pipeline import format as fmt
 from pipeline import metrics as M
-from pipeline.data import Columns, Encoder, load_split
+from pipeline.data import Columns, Encoder, load_split, pad_id
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, local_data_files, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
 from pipeline.models import has_tokenizer, load_model, load_tokenizer, pick_device, pick_dtype
@@ -140,7 +140,7 @@ def run(cfg: EvalConfig) -> dict:
         if tdir is not None:
             model = load_model(str(tdir), task_type, dtype=dtype, device=device)
             sample = [r["input_ids"] for r in itertools.islice(rows_of(), cfg.timing_examples)]
-            cost = _cost(model, tdir, sample, _pad_id(load_tokenizer(str(cache_dir / "tokenizer"))), cfg, device)
+            cost = _cost(model, tdir, sample, pad_id(load_tokenizer(str(cache_dir / "tokenizer"))), cfg, device)
             del model
         rows.append(report.metrics_row(names[-1], teacher_path, "teacher", "cache", task_type, tally.result(), cost))
         notes += report.teacher_notes(stats, rows[0])
@@ -164,7 +164,7 @@ def run(cfg: EvalConfig) -> dict:
             progress.update(len(window))
         progress.close()
         rows.append(report.metrics_row(c.name, str(c.path), "student", "model", task_type, tally.result(),
-                                       _cost(model, c.path, sample, _pad_id(c.tokenizer), cfg, device)))
+                                       _cost(model, c.path, sample, pad_id(c.tokenizer), cfg, device)))
         del model
 
     # 5. Outputs; manifest.json last, so a directory that has one is complete.
@@ -205,7 +205,7 @@ def _forward(model, rows: list[dict], c: Candidate, device) -> torch.Tensor:
     width, limit = max(len(r["input_ids"]) for r in rows), getattr(c.config, "max_position_embeddings", None)
     if limit and width > limit:
         raise KDError(f"{c.path} takes at most {limit} tokens but a row has {width}; evaluate with --max-length {limit} (or a cache built with it)")
-    logits = model(**costs.pad_batch([r["input_ids"] for r in rows], _pad_id(c.tokenizer), device)).logits
+    logits = model(**costs.model_inputs([r["input_ids"] for r in rows], pad_id(c.tokenizer), device)).logits
     b = torch.tensor([i for i, r in enumerate(rows) for _ in r["positions"]], dtype=torch.long, device=logits.device)
     if logits.dim() == 2:  # sequence classification: one output per row
         return logits[b].float().cpu()
@@ -213,8 +213,8 @@ def _forward(model, rows: list[dict], c: Candidate, device) -> torch.Tensor:
     return logits[b, p].float().cpu()
 
 
-def _cost(model, model_dir: Path, sample: list[list[int]], pad_id: int, cfg: EvalConfig, device) -> dict:
-    speed = costs.measure_speed(model, sample, pad_id, cfg.batch_size, device)
+def _cost(model, model_dir: Path, sample: list[list[int]], pad: int, cfg: EvalConfig, device) -> dict:
+    speed = costs.measure_speed(model, sample, pad, cfg.batch_size, device)
     return {"params": costs.param_count(model), "disk_bytes": costs.disk_bytes(model_dir),
             "timing_batch_size": cfg.batch_size, **speed}
 
@@ -413,10 +413,6 @@ def _teacher_dir(cfg: EvalConfig, cache: dict, cache_dir: Path, notes: list[str]
 
 def _max_len(c: Candidate, max_length: int) -> int:
     return min(max_length, getattr(c.config, "max_position_embeddings", None) or max_length)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
 
 def _eval_key(cfg, students, cache, dataset, cols) -> tuple[str, dict]:

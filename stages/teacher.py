@@ -23,7 +23,7 @@ import torch
 
 from pipeline import format as fmt
 from pipeline import io, jobarray, manifest
-from pipeline.data import Columns, Encoder, load_split, token_budget_batches
+from pipeline.data import Columns, Encoder, load_split, pad_batch, pad_id, token_budget_batches
 from pipeline.errors import KDError
 from pipeline.fingerprint import cache_key, dataset_fingerprint, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
 from pipeline.models import load_model, load_tokenizer, pick_device, pick_dtype
@@ -214,16 +214,10 @@ def _run_teacher(extractor, examples, tokenizer, batch_tokens, device):
     Results come back as device-to-host copies still in flight plus an event: nothing here
     waits for the GPU, so the writer thread (which synchronises on the event) overlaps the
     copies and the Parquet writing with the next shard's forward passes."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     launched = []
     for batch in token_budget_batches([len(e.input_ids) for e in examples], batch_tokens):
-        width = max(len(examples[i].input_ids) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        att = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, i in enumerate(batch):
-            n = len(examples[i].input_ids)
-            ids[b, :n] = torch.tensor(examples[i].input_ids)
-            att[b, :n] = 1
+        ids, att = pad_batch([examples[i].input_ids for i in batch], pad)
         res = extractor(ids.to(device, non_blocking=True), att.to(device, non_blocking=True),
                         [examples[i].positions for i in batch])
         launched.append((batch, *(t.to("cpu", non_blocking=True) for t in res)))

@@ -26,7 +26,7 @@ import torch
 
 from pipeline import __version__, checkpoint, io, manifest, sweep
 from pipeline import format as fmt
-from pipeline.data import Columns, Encoder, load_split
+from pipeline.data import Columns, Encoder, load_split, pad_id
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, tokenizer_fingerprint
 from pipeline.loader import (Collate, ParquetSource, StreamingDataset, TableSource, encode_table, infer_labels,
@@ -122,7 +122,7 @@ def _train(cfg: TrainConfig, d) -> dict:
         text_pair = bool((cache["config"].get("columns") or {}).get("text_pair"))
         source = ParquetSource([Path(cfg.targets) / f["path"] for f in cache["files"]], task_type,
                                stats["value_dtype"], text_pair, cache["key"])
-        collate = Collate(task_type, _pad(cache_tok), True, student.tokenizer if mode == "retokenize" else None,
+        collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if mode == "retokenize" else None,
                           int(cache["config"].get("max_length", 512)))
         upstream = [{"kind": "targets", "path": str(Path(cfg.targets).resolve()), "key": cache["key"]}]
         inputs = {"targets": cache["key"]}
@@ -140,7 +140,7 @@ def _train(cfg: TrainConfig, d) -> dict:
         label2id = {n: i for i, n in enumerate(labels or [])}
         encoder = Encoder(tokenizer, task_type, cols, cfg.max_length, label2id, len(labels or []), mask_seed=cfg.seed)
         source = TableSource(encode_table(dataset, encoder))
-        collate = Collate(task_type, _pad(tokenizer), False)
+        collate = Collate(task_type, pad_id(tokenizer), False)
         obj = Objective(0.0, cfg.loss, 1.0, 1.0, targets=False)
         temperature, upstream, cache, stats = None, [], None, None
         inputs = {"data": dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols), len(dataset), cfg.limit,
@@ -361,10 +361,6 @@ def _optimizer_step(model, optimizer, scaler, max_norm: float) -> float:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
-
-
-def _pad(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _summary(metrics_path: Path) -> dict:
