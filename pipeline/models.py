@@ -104,8 +104,33 @@ def load_tokenizer(path: str):
     return tok
 
 
-def label_maps(model) -> tuple[dict[str, int], int]:
-    cfg = model.config
-    n = int(getattr(cfg, "num_labels", 0) or 0)
-    label2id = {str(k): int(v) for k, v in (getattr(cfg, "label2id", None) or {}).items()}
-    return label2id, n
+def split_head(model, task_type: str):
+    """(body, head) for LM tasks where we know how the forward composes them, else None.
+
+    Running the vocabulary-sized head on the target positions only is what keeps teacher
+    extraction and student training bounded; callers check the split against the model's own
+    forward once, so an unknown composition falls back to it."""
+    if task_type == "causal-lm":
+        body = model.get_decoder() if hasattr(model, "get_decoder") else None
+        head = model.get_output_embeddings()
+        if body is None or head is None:
+            return None
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        scale = getattr(model.config, "logit_scale", None)
+
+        def head_fn(h):
+            z = head(h)
+            if scale is not None:
+                z = z * scale
+            if cap:
+                z = torch.tanh(z / cap) * cap
+            return z
+
+        return body, head_fn
+    if task_type == "masked-lm":
+        body = getattr(model, model.base_model_prefix, None)
+        for name in ("cls", "lm_head", "predictions"):
+            head = getattr(model, name, None)
+            if body is not None and head is not None:
+                return body, head
+    return None

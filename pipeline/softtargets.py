@@ -1,4 +1,4 @@
-"""Turning teacher outputs into soft targets, and the math of reading them back.
+"""Turning teacher outputs into soft targets: top-k ids, z/T and the full-vocabulary logsumexp.
 
 The vocabulary of a modern LM reaches 262k; a batch of 8k positions would need 8 GB of
 float32 logits. So for language-model tasks the body runs once, the hidden states of the
@@ -14,36 +14,9 @@ import numpy as np
 import torch
 
 from pipeline.errors import KDError
+from pipeline.models import split_head
 
 FP16_MAX = 65504.0
-
-
-def _split_head(model, task_type: str):
-    """(body, head) for LM tasks where we know how the forward composes them, else None."""
-    if task_type == "causal-lm":
-        body = model.get_decoder() if hasattr(model, "get_decoder") else None
-        head = model.get_output_embeddings()
-        if body is None or head is None:
-            return None
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        scale = getattr(model.config, "logit_scale", None)
-
-        def head_fn(h):
-            z = head(h)
-            if scale is not None:
-                z = z * scale
-            if cap:
-                z = torch.tanh(z / cap) * cap
-            return z
-
-        return body, head_fn
-    if task_type == "masked-lm":
-        body = getattr(model, model.base_model_prefix, None)
-        for name in ("cls", "lm_head", "predictions"):
-            head = getattr(model, name, None)
-            if body is not None and head is not None:
-                return body, head
-    return None
 
 
 class Extractor:
@@ -54,7 +27,7 @@ class Extractor:
         self.model, self.task_type, self.temperature = model, task_type, float(temperature)
         self.top_k = top_k
         self.slab_bytes = slab_bytes
-        self.split = _split_head(model, task_type)
+        self.split = split_head(model, task_type)
         self._checked = self.split is None
 
     @torch.inference_mode()
@@ -137,19 +110,3 @@ def to_value_dtype(values: np.ndarray, value_dtype: str) -> np.ndarray:
             raise KDError("teacher logits / T exceed the float16 range; use --value-dtype float32 or a higher --temperature")
         return values.astype(np.float16)
     return values.astype(np.float32)
-
-
-def tail_mass(topk_logits: np.ndarray, lse: np.ndarray) -> np.ndarray:
-    """1 − Σ p over the stored ids (clipped at 0: rounding can make it slightly negative)."""
-    p = np.exp(topk_logits.astype(np.float64) - lse.astype(np.float64)[..., None]).sum(-1)
-    return np.clip(1.0 - p, 0.0, 1.0)
-
-
-def entropy_lower_bound(topk_logits: np.ndarray, lse: np.ndarray) -> np.ndarray:
-    """Entropy of the stored top-k plus one tail bucket: a lower bound on the teacher's entropy."""
-    logp = topk_logits.astype(np.float64) - lse.astype(np.float64)[..., None]
-    p = np.exp(logp)
-    tail = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tail_term = np.where(tail > 0, -tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0)
-    return -(p * logp).sum(-1) + tail_term

@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.errors import KDError
 from pipeline.fingerprint import model_fingerprint, resolve_model_dir, tokenizer_fingerprint
-from pipeline.models import AUTO_CLASSES, auto_class, has_tokenizer, load_tokenizer
+from pipeline.models import AUTO_CLASSES, auto_class, has_tokenizer, load_tokenizer, split_head
 
 CLASSIFICATION = ("sequence-classification", "token-classification")
 
@@ -221,17 +221,10 @@ class StudentForward(nn.Module):
         self.body, self.head = self._split()
 
     def _split(self):
-        m = self.model
-        if self.task_type == "causal-lm" and hasattr(m, "get_decoder"):
-            body, head = m.get_decoder(), m.get_output_embeddings()
-        elif self.task_type == "masked-lm":
-            body = getattr(m, getattr(m, "base_model_prefix", ""), None)
-            head = next((getattr(m, n) for n in ("cls", "lm_head", "predictions") if hasattr(m, n)), None)
-        else:
+        split = split_head(self.model, self.task_type)
+        if split is None or not self._agrees(*split):
             return None, None
-        if body is None or head is None or not self._agrees(body, head):
-            return None, None
-        return body, head
+        return split
 
     @torch.no_grad()
     def _agrees(self, body, head) -> bool:
