@@ -38,11 +38,11 @@ def summarize(directory: str | Path) -> dict:
                        .group_by("p").agg(mass=pl.col("lp").exp().sum(), plogp=(pl.col("lp").exp() * pl.col("lp")).sum()))
             if per_pos.height == 0:
                 continue
-            tail = (1.0 - per_pos["mass"]).clip(0.0, 1.0)
-            tail_term = pl.Series([(-t * np.log(t)) if t > 0 else 0.0 for t in tail.to_list()])
+            tail = np.clip(1.0 - per_pos["mass"].to_numpy(), 0.0, 1.0)
+            tail_term = np.where(tail > 0, -tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0)
             positions += per_pos.height
             tail_sum += float(tail.sum())
-            ent_sum += float((-per_pos["plogp"] + tail_term).sum())
+            ent_sum += float((-per_pos["plogp"].to_numpy() + tail_term).sum())
     stats = m["stats"]
     total_bytes = sum(f["bytes"] for f in m["files"])
     return {

@@ -236,6 +236,12 @@ def test_inspect_and_verify(caches):
     t = read_cache(out)
     assert s["rows"] == 40 and s["positions"] == sum(len(p) for p in t["positions"].to_pylist())
     assert 0 < s["mean_tail_mass"] < 1 and s["mean_entropy_nats"] > 0
+    # with k = C the stored distribution is the whole one: tail ~0, entropy exact
+    exact = json.loads(runner.invoke(cli, ["inspect", str(caches["sequence-classification"]), "--json"]).output)
+    t = read_cache(caches["sequence-classification"])
+    logp = np.asarray(t["topk_logits"].to_pylist(), dtype=np.float64)[:, 0] - np.asarray(t["lse"].to_pylist())[:, 0:1]
+    assert exact["mean_tail_mass"] < 1e-3
+    assert abs(exact["mean_entropy_nats"] - float((-(np.exp(logp) * logp).sum(-1)).mean())) < 1e-3
     r = runner.invoke(cli, ["verify", str(out), "--recompute", "3"])
     assert r.exit_code == 0 and "recomputed 3 rows" in r.output, r.output
 
