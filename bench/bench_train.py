@@ -338,7 +338,7 @@ def main() -> None:
             print(task, r, {k: v[-1] for k, v in runs.items()}, flush=True)
         med = {k: statistics.median(x["steps_per_second"] for x in v) for k, v in runs.items()}
 
-        def paired(other):  # runs next to each other share the machine's load: compare pairwise
+        def paired(other, runs=runs):  # runs next to each other share the machine's load: compare pairwise
             return round(statistics.median(c["steps_per_second"] / o["steps_per_second"]
                                            for c, o in zip(runs["cache"], runs[other])), 3)
 

@@ -113,7 +113,7 @@ assert movies["movie"].n_unique() == len(movies)  # each movie has exactly one s
 
 # --- 6. Write, atomically -------------------------------------------------------------------
 OUT_DIR.mkdir(parents=True, exist_ok=True)
-print(f"\n| split | rows | share | movies | rotten (0) | fresh (1) | fresh % |")
+print("\n| split | rows | share | movies | rotten (0) | fresh (1) | fresh % |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for name in SPLITS:
     part = df.filter(pl.col("split") == name).drop("split")

@@ -6,6 +6,7 @@ line on stderr with a non-zero exit status.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import config, slurm
 from pipeline.errors import KDError
 
 
@@ -27,15 +29,12 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
         with open(value, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise click.BadParameter(f"cannot read {value}: {str(exc).splitlines()[0]}", param_hint="--config")
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{value} must hold a mapping of flag names to values", param_hint="--config")
-    names = {p.name for p in ctx.command.params if p.name}
-    norm = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(norm) - names - {"config"})
-    if unknown:
-        valid = ", ".join(sorted(n.replace("_", "-") for n in names if n != "config"))
-        raise click.BadParameter(f"unknown key(s) {', '.join(unknown)} in {value}; valid keys: {valid}", param_hint="--config")
+        raise click.BadParameter(f"cannot read {value}: {str(exc).splitlines()[0]}", param_hint="--config") from None
+    try:
+        norm = config.normalize_keys(data, value)
+        config.check_keys(norm, {p.name for p in ctx.command.params if p.name and p.name != "config"}, value)
+    except KDError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config") from None
     ctx.default_map = {**(ctx.default_map or {}), **norm}
     return value
 
@@ -81,42 +80,36 @@ def cli():
     """kd — offline knowledge distillation: a teacher runs once, students stream its cached soft targets."""
 
 
-TASK_TYPES = click.Choice(["sequence-classification", "token-classification", "masked-lm", "causal-lm"])
+def _click_type(f: dataclasses.Field):
+    if f.metadata.get("choices"):
+        return click.Choice(list(f.metadata["choices"]))
+    annotation = str(f.type)
+    return int if "int" in annotation else float if "float" in annotation else str
 
 
-@cli.command()
-@config_option
-@click.option("--model", required=True, help="Teacher: a local directory or a hub id.")
-@click.option("--data", required=True, help="A .jsonl/.json/.csv/.parquet/.txt file or glob, a save_to_disk directory, or a hub dataset.")
-@click.option("--split", default="train", show_default=True)
-@click.option("--task-type", required=True, type=TASK_TYPES)
-@click.option("--text-column", default=None, help="Default: text (tokens for token-classification).")
-@click.option("--text-pair-column", default=None, help="Second text of a pair (sequence-classification).")
-@click.option("--label-column", default=None, help="Default: label / ner_tags where present.")
-@click.option("--id-column", default=None, help="Default: id where present, else the row index.")
-@click.option("--max-length", default=512, show_default=True, type=int)
-@click.option("--top-k", default=32, show_default=True, type=int)
-@click.option("--temperature", default=1.0, show_default=True, type=float)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Teacher compute dtype (auto: bf16 on a GPU, float32 on the CPU).")
-@click.option("--value-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
-              help="Stored dtype of topk_logits.")
-@click.option("--batch-tokens", default=16384, show_default=True, type=int, help="Token budget per teacher batch (padded).")
-@click.option("--shard-rows", default=None, type=int, help="Rows per shard (default: 50000 for classification, 1M/max-length otherwise).")
-@click.option("--mask-seed", default=0, show_default=True, type=int, help="masked-lm: seed of the masks.")
-@click.option("--mask-prob", default=0.15, show_default=True, type=float, help="masked-lm: masking probability.")
-@click.option("--out", default=None, help="Output directory (with --cache-root: a symlink to the keyed cache).")
-@click.option("--task-index", default=None, type=int, help="This task's index (default: from SLURM/PBS/LSF/SGE array variables, else 0).")
-@click.option("--num-tasks", default=None, type=int, help="Number of array tasks (default: from the array variables, else 1).")
-@click.option("--cache-root", default=None, help="Keep the cache at CACHE_ROOT/<key> so other runs reuse it.")
-@click.option("--limit", default=None, type=int, help="Use only the first N rows.")
-@click.option("--device", default="auto", show_default=True)
+def options_from(cls):
+    """The click options of a stage config's fields (pipeline.config is their one definition)."""
+    def decorate(fn):
+        for f in reversed(config.flags(cls)):
+            meta, default = f.metadata, (None if f.default is dataclasses.MISSING else f.default)
+            decls = [f"{config.flag_name(f)}/{meta['secondary']}" if meta.get("secondary") else config.flag_name(f), f.name]
+            kw = {"help": meta.get("help", ""), "show_default": default is not None and default != ()}
+            if meta.get("secondary") is None:
+                kw["type"] = _click_type(f)
+            for k in ("required", "multiple", "metavar"):
+                if meta.get(k):
+                    kw[k] = meta[k]
+            fn = click.option(*decls, default=default, **kw)(fn)
+        return config_option(fn)
+    return decorate
+
+
+@cli.command(help=config.TeacherConfig.__doc__)
+@options_from(config.TeacherConfig)
 def teacher(**kw):
-    """Stage 1: run the teacher once and cache its top-k soft targets as Parquet shards."""
-    from stages.teacher import TeacherConfig, run
+    from stages.teacher import run
 
-    result = run(TeacherConfig(**kw))
-    click.echo(json.dumps(result))
+    click.echo(json.dumps(run(config.TeacherConfig(**kw))))
 
 
 @cli.command()
@@ -181,85 +174,22 @@ def verify(directory, recompute, model, seed, device, dtype):
     click.echo(run_verify(directory, recompute=recompute, model=model, seed=seed, device=device, dtype=dtype))
 
 
-@cli.command(name="eval")
-@config_option
-@click.option("--model", "model", multiple=True, required=True, help="A student (any model directory); repeat for several.")
-@click.option("--data", default=None, help="The labelled split's data (as for kd teacher); with --targets optional and checked against the cache.")
-@click.option("--split", default="test", show_default=True)
-@click.option("--targets", default=None, help="Targets cache of this split: teacher metrics and comparisons without rerunning the teacher.")
-@click.option("--teacher", default=None, help="Teacher model: without --targets it runs here once (cached under OUT/targets); with --targets it is only timed.")
-@click.option("--task-type", default=None, type=TASK_TYPES, help="Default: from the cache, the students' manifests or their configs.")
-@click.option("--text-column", default=None, help="Without --targets: default text (tokens for token-classification).")
-@click.option("--text-pair-column", default=None)
-@click.option("--label-column", default=None, help="Default: label / ner_tags where present.")
-@click.option("--id-column", default=None)
-@click.option("--max-length", default=None, type=int, help="Default: the cache's, else 512.")
-@click.option("--top-k", default=32, show_default=True, type=int, help="k of the targets when --teacher runs here.")
-@click.option("--mask-seed", default=0, show_default=True, type=int, help="masked-lm without --targets: seed of the masks.")
-@click.option("--mask-prob", default=0.15, show_default=True, type=float)
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Rows per forward (and the batch of the examples/s figure).")
-@click.option("--timing-examples", default=64, show_default=True, type=int, help="Rows each model is timed on.")
-@click.option("--time-teacher/--no-time-teacher", default=True, show_default=True, help="Load the cache's teacher to measure its size and speed.")
-@click.option("--limit", default=None, type=int, help="Use only the first N rows.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--out", required=True, help="Output directory: metrics.parquet, report.md, plot.png, manifest.json.")
+@cli.command(name="eval", help=config.EvalConfig.__doc__)
+@options_from(config.EvalConfig)
 def eval_(**kw):
-    """Stage 3: score students on a labelled split and against the teacher, with their size and speed."""
-    from stages.evaluate import EvalConfig, run
+    from stages.evaluate import run
 
-    result = run(EvalConfig(**{**kw, "model": list(kw["model"])}))
+    result = run(config.EvalConfig(**{**kw, "model": list(kw["model"])}))
     click.echo(result["report"])
     click.echo(result["table"])
 
 
-from pipeline.slurm import slurm_group  # noqa: E402  (cheap: click only)
-
-cli.add_command(slurm_group, "slurm")
-
-
-@cli.command()
-@config_option
-@click.option("--targets", default=None, help="A complete targets cache (absent: plain fine-tuning on --data with cross-entropy).")
-@click.option("--data", default=None, help="Without --targets: the dataset to fine-tune on (as for `kd teacher`).")
-@click.option("--split", default="train", show_default=True)
-@click.option("--task-type", default=None, type=TASK_TYPES, help="Without --targets: the task (with --targets it comes from the cache).")
-@click.option("--text-column", default=None)
-@click.option("--text-pair-column", default=None)
-@click.option("--label-column", default=None)
-@click.option("--labels", default=None, help="Without --targets: label names in id order, e.g. neg,pos (default: from the data).")
-@click.option("--max-length", default=512, show_default=True, type=int, help="Without --targets: tokenisation length.")
-@click.option("--limit", default=None, type=int, help="Without --targets: use only the first N rows.")
-@click.option("--student", default=None, help="The student: a local directory or a hub id.")
-@click.option("--student-from-teacher", default=None, metavar="MODEL", help="Cut the student from this teacher (with --student-layers).")
-@click.option("--student-layers", default=None, help="Teacher layers the student keeps, e.g. 0,2,4.")
-@click.option("--alpha", default=0.5, show_default=True, type=float, help="Loss = alpha*T^2*KD + (1-alpha)*CE on hard labels.")
-@click.option("--temperature", default=None, type=float, help="Training temperature (default: the cache's).")
-@click.option("--loss", default="kl", show_default=True, type=click.Choice(["kl", "kl-renorm", "reverse-kl", "jsd"]))
-@click.option("--epochs", default=3, show_default=True, type=int)
-@click.option("--max-steps", default=None, type=int, help="Stop after N optimizer steps (overrides --epochs).")
-@click.option("--lr", default=5e-5, show_default=True, type=float)
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Rows per micro-batch (per process).")
-@click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
-@click.option("--warmup-ratio", default=0.0, show_default=True, type=float)
-@click.option("--weight-decay", default=0.01, show_default=True, type=float)
-@click.option("--max-grad-norm", default=1.0, show_default=True, type=float, help="Gradient clipping (0: off).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Autocast dtype (weights stay float32); auto: bf16 on a GPU, float32 on the CPU.")
-@click.option("--save-every", default=500, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
-@click.option("--out", default=None, help="Output directory of the student.")
-@click.option("--eval-targets", default=None, help="A held-out targets cache: report validation KD loss and agreement.")
-@click.option("--sweep", default=None, help="YAML/JSON list of overrides; trains entry --task-index into OUT/<name>.")
-@click.option("--task-index", default=None, type=int, help="Sweep entry (default: from SLURM/PBS/LSF/SGE array variables).")
-@click.option("--num-workers", default=1, show_default=True, type=int, help="DataLoader worker processes per rank.")
-@click.option("--shuffle-buffer", default=None, type=int, help="Rows kept back for shuffling across row groups (default: a row group's worth).")
-@click.option("--device", default="auto", show_default=True)
+@cli.command(help=config.TrainConfig.__doc__)
+@options_from(config.TrainConfig)
 def train(**kw):
-    """Stage 2: train a student from a targets cache (stage 0 without one); resumes from its checkpoints."""
-    from stages.train import TrainConfig, run
+    from stages.train import run
 
-    result = run(TrainConfig(**kw))
+    result = run(config.TrainConfig(**kw))
     if result is not None:  # rank 0 only under torchrun
         click.echo(json.dumps(result))
 
@@ -289,6 +219,105 @@ def demo(workdir, quick):
     click.echo(report.read_text())
     click.echo(f"report: {report}\nplot:   {report.parent / 'plot.png'}\n"
                f"({len(result['ran'])} steps ran, {len(result['reused'])} reused, {result['seconds']} s)")
+
+
+# --- kd slurm -------------------------------------------------------------------------------
+
+def _scheduler_options(f):
+    for opt in reversed([
+        click.option("--num-tasks", type=int, default=None, help="Number of array tasks (N)."),
+        click.option("--array-parallel", "-M", type=int, default=None, help="At most M tasks at once (--array=…%M)."),
+        click.option("--gpus", default=None, help="GPUs per task: N or TYPE:N (--gres=gpu:…)."),
+        click.option("--cpus-per-task", type=int, default=None, help="CPUs per task (also OMP_NUM_THREADS)."),
+        click.option("--mem", default=None, help="Memory per task, e.g. 32G."),
+        click.option("--time", default=None, help="Time limit per task, e.g. 4:00:00."),
+        click.option("--partition", default=None),
+        click.option("--account", default=None),
+        click.option("--job-name", default=None, help="Default: kd-STAGE-<out name>."),
+        click.option("--logs", default=None, help="Directory of the per-task logs (default: ./slurm-logs)."),
+        click.option("--kd", default=None, help="kd executable the jobs call (default: this one's absolute path)."),
+        click.option("--extra-sbatch", multiple=True, help="More sbatch flags, e.g. '--qos=high' (repeatable)."),
+        click.option("--submit", is_flag=True, help="Submit with sbatch and print the job ids instead of the script."),
+    ]):
+        f = opt(f)
+    return click.argument("stage_args", nargs=-1, type=click.UNPROCESSED)(f)
+
+
+PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _split(kw: dict) -> tuple[bool, list[str], int | None, "slurm.Scheduler"]:
+    return kw.pop("submit"), list(kw.pop("stage_args")), kw.pop("num_tasks"), slurm.Scheduler(**kw)
+
+
+def _stage_params(stage: str, stage_args: list[str]) -> dict:
+    """The stage's own parser (defaults, --config, validation) applied to the passthrough."""
+    with cli.commands[stage].make_context(f"kd {stage}", list(stage_args)) as ctx:
+        if ctx.params.get("task_index") is not None:
+            raise KDError("drop --task-index from the stage arguments: every array task gets its own")
+        return dict(ctx.params)
+
+
+@cli.group("slurm")
+def slurm_group():
+    """Run a stage as a SLURM job array plus a dependent job (print the script, or --submit)."""
+
+
+@slurm_group.command("teacher", context_settings=PASSTHROUGH)
+@_scheduler_options
+def teacher_cmd(**kw):
+    """Stage 1 as an N-task array, then `kd finalize`. Pass kd teacher's flags after `--`.
+
+    \b
+    kd slurm teacher --num-tasks 8 -M 4 --gpus 1 --time 2:00:00 --submit -- \\
+        --model TEACHER --data train.jsonl --task-type sequence-classification --out caches/train
+
+    Rerun the same command after a failure: only tasks without a completion record go out.
+    """
+    submit, args, n, s = _split(kw)
+    slurm.emit(slurm.teacher_work(args, _stage_params("teacher", args), n), s, submit)
+
+
+@slurm_group.command("train", context_settings=PASSTHROUGH)
+@_scheduler_options
+def train_cmd(**kw):
+    """A sweep of students as an array (task i trains entry i of --sweep FILE), then a summary.
+
+    \b
+    kd slurm train -M 8 --gpus 1 --submit -- \\
+        --targets caches/train --sweep sweep.yaml --out students --max-steps 2000
+
+    N is the number of sweep entries. The dependent job (afterany) runs `kd slurm summary`
+    over every student directory: it lists them and fails unless all are complete. Rerun the
+    same command after a failure: only entries without a manifest go out (they resume from
+    their checkpoints).
+    """
+    submit, args, n, s = _split(kw)
+    slurm.emit(slurm.train_work(args, _stage_params("train", args), n), s, submit)
+
+
+@slurm_group.command("summary")
+@click.argument("directories", nargs=-1, required=True, type=click.Path(file_okay=False))
+def summary_cmd(directories):
+    """One line per output directory (complete or not); exit status 1 unless all are complete."""
+    from pipeline import io, manifest
+
+    incomplete = []
+    for d in directories:
+        path = Path(d)
+        if not (path / manifest.MANIFEST).exists():
+            incomplete.append(d)
+            click.echo(f"{d}: " + ("incomplete" if (path / manifest.PLAN).exists() else "not started"))
+            continue
+        m = io.read_json(path / manifest.MANIFEST)
+        final = (m.get("stats") or {}).get("final") or {}
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())
+        upstream = ", ".join(u.get("key", "?")[:12] for u in m.get("upstream", []))
+        click.echo(f"{d}: complete {m.get('kind')} {m.get('key', '?')[:12]}"
+                   + (f" from {upstream}" if upstream else "") + (f"; {shown}" if shown else ""))
+    if incomplete:
+        raise KDError(f"{len(incomplete)} of {len(directories)} output(s) incomplete; rerun the same "
+                      f"`kd slurm` command to resubmit only those")
 
 
 def main():

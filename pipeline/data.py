@@ -10,19 +10,17 @@ the rows into tasks draws the same masks.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from pipeline import tasks
 from pipeline.errors import KDError
 from pipeline.fingerprint import local_data_files
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-DEFAULT_TEXT = {"token-classification": "tokens"}
-DEFAULT_LABEL = {"sequence-classification": "label", "token-classification": "ner_tags"}
 
 
 def load_split(data: str, split: str, limit: int | None = None):
@@ -35,7 +33,8 @@ def load_split(data: str, split: str, limit: int | None = None):
         if files is not None:
             exts = {p.suffix.lower() for p in files}
             if len(exts) != 1 or next(iter(exts)) not in BUILDERS:
-                raise KDError(f"--data {data!r}: files must share one of the extensions {', '.join(BUILDERS)} (got {', '.join(sorted(exts))})")
+                raise KDError(f"--data {data!r}: files must share one of the extensions {', '.join(BUILDERS)} (got "
+                              f"{', '.join(sorted(exts))})")
             ds = datasets.load_dataset(BUILDERS[exts.pop()], data_files={split: [str(p) for p in files]}, split=split)
         elif os.path.isdir(data) and any((Path(data) / f).exists() for f in ("dataset_dict.json", "state.json")):
             ds = datasets.load_from_disk(data)
@@ -68,16 +67,18 @@ class Columns:
     @classmethod
     def resolve(cls, dataset_columns: list[str], task_type: str, text: str | None,
                 text_pair: str | None, label: str | None) -> "Columns":
-        text = text or DEFAULT_TEXT.get(task_type, "text")
+        task = tasks.get(task_type)
+        text = text or task.default_text_column
         for flag, name in (("--text-column", text), ("--text-pair-column", text_pair)):
             if name is not None and name not in dataset_columns:
                 raise KDError(f"{flag} {name!r} is not a column of the data (columns: {', '.join(dataset_columns)})")
         if label is not None and label not in dataset_columns:
             raise KDError(f"--label-column {label!r} is not a column of the data (columns: {', '.join(dataset_columns)})")
-        if label is None and DEFAULT_LABEL.get(task_type) in dataset_columns:
-            label = DEFAULT_LABEL[task_type]
-        if text_pair is not None and task_type != "sequence-classification":
-            raise KDError("--text-pair-column only applies to --task-type sequence-classification")
+        if label is None and task.default_label_column in dataset_columns:
+            label = task.default_label_column
+        if text_pair is not None and not task.text_pairs:
+            pairs = ", ".join(t.name for t in tasks.TASKS.values() if t.text_pairs)
+            raise KDError(f"--text-pair-column only applies to --task-type {pairs}")
         return cls(text=text, text_pair=text_pair, label=label)
 
 
@@ -93,13 +94,13 @@ class Example:
     labels: Any
     positions: list[int]
     truncated: bool
-    extra: dict = field(default_factory=dict)
 
 
 def _label_id(value, label2id: dict, num_labels: int, row: int) -> int:
     if isinstance(value, str):
         if value not in label2id:
-            raise KDError(f"row {row}: label {value!r} is not in the model's label set ({', '.join(label2id)}); fix the data or the teacher")
+            raise KDError(f"row {row}: label {value!r} is not in the model's label set ({', '.join(label2id)}); fix the data or the "
+                          f"teacher")
         return int(label2id[value])
     v = int(value)
     if not 0 <= v < num_labels:
@@ -114,9 +115,10 @@ class Encoder:
                  label2id: dict | None = None, num_labels: int | None = None,
                  mask_seed: int = 0, mask_prob: float = 0.15, id_column: str | None = None):
         self.tok, self.task_type, self.cols, self.max_length = tokenizer, task_type, columns, max_length
+        self.task = tasks.get(task_type)
         self.label2id, self.num_labels = label2id or {}, num_labels
         self.mask_seed, self.mask_prob, self.id_column = mask_seed, mask_prob, id_column
-        if task_type == "masked-lm" and tokenizer.mask_token_id is None:
+        if self.task.masked and tokenizer.mask_token_id is None:
             raise KDError("the tokenizer has no mask token, so it cannot be used for --task-type masked-lm")
 
     def encode(self, batch: dict[str, list], start_row: int) -> list[Example]:
@@ -126,11 +128,11 @@ class Encoder:
         labels = batch[self.cols.label] if self.cols.label else [None] * n
         ids = batch[self.id_column] if self.id_column else None
         for i, t in enumerate(texts):
-            bad = t is None or (self.task_type == "token-classification" and not isinstance(t, (list, tuple)))
-            if bad or (self.task_type != "token-classification" and not isinstance(t, str)):
-                want = "a list of words" if self.task_type == "token-classification" else "a string"
+            words = self.task.words
+            if t is None or (words and not isinstance(t, (list, tuple))) or (not words and not isinstance(t, str)):
+                want = "a list of words" if words else "a string"
                 raise KDError(f"row {start_row + i}: column {self.cols.text!r} must hold {want}, got {type(t).__name__}")
-        words = self.task_type == "token-classification"
+        words = self.task.words
         kw = dict(truncation=True, max_length=self.max_length, is_split_into_words=words)
         enc = self.tok(list(texts), list(pairs) if pairs else None, **kw)
         out = []
@@ -144,51 +146,12 @@ class Encoder:
             ex = Example(row=row, id=str(ids[i]) if ids is not None else str(row), text=texts[i],
                          text_pair=pairs[i] if pairs else None, input_ids=input_ids, labels=None,
                          positions=[], truncated=truncated)
-            getattr(self, "_" + self.task_type.replace("-", "_"))(ex, labels[i], enc, i)
+            self.task.make_positions(self, ex, labels[i], enc, i)
             out.append(ex)
         return out
 
-    def _sequence_classification(self, ex: Example, label, enc, i):
-        ex.positions = [0]
-        if label is not None:
-            ex.labels = _label_id(label, self.label2id, self.num_labels, ex.row)
-
-    def _token_classification(self, ex: Example, label, enc, i):
-        word_ids = enc.word_ids(i)
-        if label is not None and len(label) != len(ex.text):
-            raise KDError(f"row {ex.row}: {len(label)} labels for {len(ex.text)} words; each word needs one label")
-        labels = [-100] * len(ex.input_ids)
-        seen = set()
-        for pos, w in enumerate(word_ids):
-            if w is None or w in seen:
-                continue
-            seen.add(w)
-            if label is None:
-                ex.positions.append(pos)
-            elif isinstance(label[w], str) or int(label[w]) != -100:  # -100: word has no label
-                labels[pos] = _label_id(label[w], self.label2id, self.num_labels, ex.row)
-                ex.positions.append(pos)
-        ex.labels = labels if label is not None else None
-
-    def _masked_lm(self, ex: Example, label, enc, i):
-        ids = np.asarray(ex.input_ids, dtype=np.int64)
-        special = np.asarray(self.tok.get_special_tokens_mask(ex.input_ids, already_has_special_tokens=True), bool)
-        candidates = np.flatnonzero(~special)
-        rng = np.random.default_rng([self.mask_seed, ex.row])
-        chosen = candidates[rng.random(len(candidates)) < self.mask_prob]
-        if len(chosen) == 0 and len(candidates):
-            chosen = candidates[[rng.integers(len(candidates))]]
-        labels = np.full(len(ids), -100, dtype=np.int64)
-        labels[chosen] = ids[chosen]
-        action = rng.random(len(chosen))  # BERT's 80/10/10: mask, random token, unchanged
-        ids[chosen[action < 0.8]] = self.tok.mask_token_id
-        rand = chosen[(action >= 0.8) & (action < 0.9)]
-        ids[rand] = rng.integers(0, len(self.tok), size=len(rand))
-        ex.input_ids, ex.labels, ex.positions = ids.tolist(), labels.tolist(), chosen.tolist()
-
-    def _causal_lm(self, ex: Example, label, enc, i):
-        ex.positions = list(range(len(ex.input_ids) - 1))  # position t predicts token t+1
-        ex.labels = None  # the hard labels are input_ids shifted by one
+    def label_id(self, value, row: int) -> int:
+        return _label_id(value, self.label2id, self.num_labels, row)
 
 
 def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

@@ -43,7 +43,7 @@ def sha256_file_memo(path: Path) -> str:
     return digest
 
 
-def resolve_model_dir(name: str, gguf_file: str | None = None) -> Path:
+def resolve_model_dir(name: str) -> Path:
     """A local directory for a model given as a path or a hub id (hub only when allowed)."""
     if os.path.isdir(name):
         return Path(name)
@@ -125,7 +125,7 @@ def dataset_fingerprint(data: str, split: str, columns: dict[str, str | None], r
 
 def cache_key(*, teacher: dict, tokenizer: dict, dataset: dict, task_type: str, max_length: int,
               top_k: int, temperature: float, value_dtype: str, mask: dict | None,
-              format_version: int) -> str:
+              format_version: int, vocab_limit: int | None = None) -> str:
     body = {
         "teacher": teacher["sha256"],
         "tokenizer": tokenizer["sha256"],
@@ -138,4 +138,6 @@ def cache_key(*, teacher: dict, tokenizer: dict, dataset: dict, task_type: str, 
         "mask": mask,
         "format_version": int(format_version),
     }
+    if vocab_limit is not None:  # only for padded vocabularies, so every other cache keeps its key
+        body["vocab_limit"] = int(vocab_limit)
     return io.sha256_bytes(io.canonical_json(body).encode())

@@ -16,11 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import io
+from pipeline import io, tasks
 from pipeline.errors import KDError
 
 FORMAT_VERSION = 1
-TASK_TYPES = ("sequence-classification", "token-classification", "masked-lm", "causal-lm")
 VALUE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 POSITIONS_PER_ROW_GROUP = 65536
 META_PREFIX = "kd."
@@ -33,22 +32,19 @@ def _list(t: pa.DataType) -> pa.DataType:
 def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False) -> pa.Schema:
     """The Arrow schema of a shard for a task type; text fields are kept so that a student
     with its own tokenizer can re-tokenise classification inputs."""
-    if task_type not in TASK_TYPES:
-        raise KDError(f"unknown task type {task_type!r}: use one of {', '.join(TASK_TYPES)}")
+    task = tasks.get(task_type)
     if value_dtype not in VALUE_DTYPES:
         raise KDError(f"unknown value dtype {value_dtype!r}: use float16 or float32")
-    words = task_type == "token-classification"
     fields = [
         pa.field("row", pa.int64(), nullable=False),
         pa.field("id", pa.string(), nullable=False),
-        pa.field("text", _list(pa.string()) if words else pa.string(), nullable=False),
+        pa.field("text", task.text_type(), nullable=False),
     ]
     if text_pair:
         fields.append(pa.field("text_pair", pa.string(), nullable=False))
-    label_type = pa.int64() if task_type == "sequence-classification" else _list(pa.int32())
     fields += [
         pa.field("input_ids", _list(pa.int32()), nullable=False),
-        pa.field("labels", label_type, nullable=True),
+        pa.field("labels", task.label_type(), nullable=True),
         pa.field("truncated", pa.bool_(), nullable=False),
         pa.field("positions", _list(pa.int32()), nullable=False),
         pa.field("topk_ids", _list(_list(pa.int32())), nullable=False),

@@ -69,7 +69,8 @@ def verify(directory: str | Path, recompute: int = 0, model: str | None = None, 
     m = mf.read_manifest(directory)
     problems = mf.verify_files(directory, m)
     if problems:
-        raise KDError(f"{directory}: {len(problems)} file(s) fail verification: {problems[0]}; rebuild them (delete the task record and rerun the task)")
+        raise KDError(f"{directory}: {len(problems)} file(s) fail verification: {problems[0]}; rebuild them (delete the task record and "
+                      f"rerun the task)")
     msg = f"ok: {len(m['files'])} files match their sha256"
     if recompute > 0:
         if m["kind"] != "targets":
@@ -107,9 +108,11 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
             differ = old_ids != new_ids
             # ids may swap only where their values tie within tolerance
             if differ.any() and np.abs(vals_old[p][differ] - vals_new[p][differ]).max() > tol:
-                raise KDError(f"row {r['row']} position {r['positions'][p]}: top-k ids differ from a fresh teacher run; the cache does not match {model_path}")
+                raise KDError(f"row {r['row']} position {r['positions'][p]}: top-k ids differ from a fresh teacher run; the cache does "
+                              f"not match {model_path}")
         worst_val = max(worst_val, float(np.abs(np.sort(vals_old, -1) - np.sort(vals_new, -1)).max()))
         worst_lse = max(worst_lse, float(np.abs(np.asarray(r["lse"]) - lse_new).max()))
         if worst_val > tol or worst_lse > tol:
-            raise KDError(f"row {r['row']}: stored values differ from a fresh teacher run by {max(worst_val, worst_lse):.4g} (> {tol:.3g}); the cache does not match {model_path}")
+            raise KDError(f"row {r['row']}: stored values differ from a fresh teacher run by {max(worst_val, worst_lse):.4g} (> "
+                          f"{tol:.3g}); the cache does not match {model_path}")
     return f"recomputed {len(picks)} rows: max |Δ logit| {worst_val:.3g}, max |Δ lse| {worst_lse:.3g}"

@@ -118,22 +118,6 @@ def _readings(env: Mapping[str, str]) -> list[_Reading]:
     return [r for r in found if r is not None]
 
 
-def detect_scheduler(env: Mapping[str, str] | None = None) -> str | None:
-    """Name of the first scheduler whose array variables are set ("slurm", "pbs", "lsf", "sge").
-
-    Only looks at presence (never raises), so it can label logs; `resolve_task` does the
-    checking. KD_* variables are not a scheduler and give None.
-    """
-    env = os.environ if env is None else env
-    present = {
-        "slurm": env.get("SLURM_ARRAY_TASK_ID", "").strip() != "",
-        "pbs": any(env.get(v, "").strip() for v in ("PBS_ARRAY_INDEX", "PBS_ARRAYID")),
-        "lsf": env.get("LSB_JOBINDEX", "").strip() not in ("", "0"),
-        "sge": env.get("SGE_TASK_ID", "").strip() not in ("", "undefined"),
-    }
-    return next((name for name, here in present.items() if here), None)
-
-
 def _agree(readings: list[_Reading], field: str, var_field: str) -> tuple[int | None, str]:
     """The one value all sources give for `field`; two different values are an error."""
     known = [(getattr(r, field), getattr(r, var_field)) for r in readings

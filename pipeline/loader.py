@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import format as fmt
+from pipeline import tasks
 from pipeline.errors import KDError
 
 TARGET_COLUMNS = ("topk_ids", "topk_logits", "lse")
@@ -195,6 +196,7 @@ class Collate:
 
     def __init__(self, task_type: str, pad_id: int, targets: bool, tokenizer=None, max_length: int = 512):
         self.task_type, self.pad_id, self.targets = task_type, int(pad_id), targets
+        self.hard_labels = tasks.get(task_type).hard_labels
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def columns(self, text_pair: bool) -> list[str]:
@@ -215,10 +217,11 @@ class Collate:
             pos["topk_logits"] = _ragged(_ragged_inner(t.column("topk_logits")))[1].reshape(-1, k)
             pos["lse"] = _ragged(t.column("lse"))[1]
             if not len(pos["lse"]) == len(positions) == len(pos["topk_ids"]):
-                raise KDError(f"rows {rows['row'][:3].tolist()}…: {len(pos['lse'])} targets for {len(positions)} positions; the cache is damaged, rebuild it")
+                raise KDError(f"rows {rows['row'][:3].tolist()}…: {len(pos['lse'])} targets for {len(positions)} positions; the cache is "
+                              f"damaged, rebuild it")
         groups = {"pos": (pos_len, pos)}
         labels = t.column("labels").combine_chunks()
-        if self.task_type == "sequence-classification":
+        if self.hard_labels == "row":
             rows["labels"] = labels.fill_null(-100).to_numpy().astype(np.int64)
         if self.tokenizer is not None:
             rows["text"] = np.array(t.column("text").to_pylist() + [None], dtype=object)[:-1]
@@ -227,7 +230,7 @@ class Collate:
         else:
             tok_len, ids = _ragged(t.column("input_ids"))
             tok = {"input_ids": ids}
-            if self.task_type in ("token-classification", "masked-lm"):
+            if self.hard_labels == "aligned":
                 tok["labels"] = self._token_labels(labels, tok_len)
             groups["tok"] = (tok_len, tok)
         return Block(rows, groups)
@@ -270,9 +273,9 @@ class Collate:
             ids[mask] = tok["input_ids"]
             mask = mask.astype(np.int8)
         hard = np.full(len(p_idx), -100, dtype=np.int64)
-        if self.task_type == "sequence-classification":
+        if self.hard_labels == "row":
             hard = block.rows["labels"][b_idx]
-        elif self.task_type == "causal-lm":
+        elif self.hard_labels == "next-token":
             nxt = p_idx.astype(np.int64) + 1
             ok = nxt < lengths[b_idx]
             hard[ok] = ids[b_idx[ok], nxt[ok]]
@@ -390,7 +393,7 @@ def infer_labels(dataset, column: str | None, task_type: str, given: str | list 
     """The label names of a dataset for a new classification head: --labels, else the
     ClassLabel names, else the sorted distinct strings, else LABEL_0..LABEL_max for integers
     (integer labels carry no names, so they match any head with that many labels)."""
-    if task_type not in ("sequence-classification", "token-classification"):
+    if not tasks.get(task_type).classification:
         return None
     if given:
         names = given if isinstance(given, list) else [s.strip() for s in str(given).split(",") if s.strip()]
@@ -418,16 +421,15 @@ def infer_labels(dataset, column: str | None, task_type: str, given: str | list 
 def encode_table(dataset, encoder, chunk: int = 4096) -> pa.Table:
     """A tokenised dataset as a table with the cache's columns (row, input_ids, labels,
     positions, text), so fine-tuning without targets streams through the same loader."""
-    words = encoder.task_type == "token-classification"
-    label_type = pa.int64() if encoder.task_type == "sequence-classification" else pa.list_(pa.int32())
+    task = tasks.get(encoder.task_type)
     parts = []
     for s in range(0, len(dataset), chunk):
         ex = encoder.encode(dataset[s:s + chunk], s)
         cols = {
             "row": pa.array([e.row for e in ex], pa.int64()),
-            "text": pa.array([e.text for e in ex], pa.list_(pa.string()) if words else pa.string()),
+            "text": pa.array([e.text for e in ex], task.text_type()),
             "input_ids": pa.array([e.input_ids for e in ex], pa.list_(pa.int32())),
-            "labels": pa.array([e.labels for e in ex], label_type),
+            "labels": pa.array([e.labels for e in ex], task.label_type()),
             "positions": pa.array([e.positions for e in ex], pa.list_(pa.int32())),
         }
         if encoder.cols.text_pair:

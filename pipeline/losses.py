@@ -1,4 +1,4 @@
-"""Distillation losses on cached top-k soft targets.
+"""Distillation losses on cached top-k soft targets (the formulas: pipeline.softtargets).
 
 The teacher cache (DESIGN.md, "The soft-target contract") keeps, per target position, the ids
 of the k largest teacher logits z, ``topk_logits = z / T_cache`` at those ids, and
@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.config import LOSSES
 from pipeline.errors import KDError
 
-LOSSES = ("kl", "kl-renorm", "reverse-kl", "jsd")
+__all__ = ["LOSSES", "distillation_loss", "kd_loss_sum", "teacher_log_probs"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:

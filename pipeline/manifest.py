@@ -20,7 +20,8 @@ from pipeline import __version__, io
 from pipeline.errors import KDError
 
 PLAN, MANIFEST, TASKS = "plan.json", "manifest.json", "tasks"
-SUMMED_STATS = ("rows", "positions", "bytes", "truncated_rows", "teacher_seconds")
+SUMMED_STATS = ("rows", "positions", "bytes", "truncated_rows", "teacher_seconds", "encode_seconds", "collect_seconds",
+                "write_seconds", "compute_seconds", "loop_seconds", "body_seconds", "reduce_seconds")
 
 
 def now() -> str:
@@ -90,8 +91,11 @@ def status(out: Path) -> dict[str, Any]:
             "missing": missing, "complete": complete}
 
 
-def finalize(out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Merge the task records into manifest.json; refuse while any task is missing."""
+def finalize(out: Path) -> dict[str, Any]:
+    """Merge the task records into manifest.json; refuse while any task is missing.
+
+    Summable task statistics (rows, bytes, …) are added up; everything else a task reports is
+    kept as it is (a single-task stage reports all its statistics this way)."""
     out = Path(out)
     plan = read_plan(out)
     records = done_tasks(out)
@@ -100,16 +104,16 @@ def finalize(out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         shown = ", ".join(map(str, missing[:20])) + (" …" if len(missing) > 20 else "")
         raise KDError(f"{out}: {len(missing)} of {plan['num_tasks']} tasks have not finished (missing: {shown}); "
                       f"rerun them (same command with --task-index) and finalize again")
-    files, stats = [], {k: 0 for k in SUMMED_STATS}
+    files, stats = [], {}
     for i in sorted(records):
         rec = records[i]
         for f in rec.get("files", []):
             if not (out / f["path"]).exists():
                 raise KDError(f"{out}: task {i} recorded {f['path']} but the file is gone; delete {task_path(out, i)} and rerun task {i}")
             files.append(f)
-        for k in SUMMED_STATS:
-            stats[k] += rec.get("stats", {}).get(k, 0)
-    if stats["positions"]:
+        for k, v in rec.get("stats", {}).items():
+            stats[k] = stats.get(k, 0) + v if k in SUMMED_STATS else v
+    if stats.get("positions") and "bytes" in stats:
         stats["bytes_per_position"] = round(stats["bytes"] / stats["positions"], 2)
     manifest = {
         "kind": plan["kind"],
@@ -122,8 +126,9 @@ def finalize(out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "upstream": plan.get("upstream", []),
         "num_tasks": plan["num_tasks"],
         "files": sorted(files, key=lambda f: f["path"]),
-        "stats": {**plan.get("stats", {}), **stats, **(extra or {})},
+        "stats": {**plan.get("stats", {}), **stats},
     }
+    manifest.update({k: v for k, v in plan.items() if k not in manifest and k != "created_at"})  # e.g. a student's init
     io.write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -136,7 +141,8 @@ def read_manifest(out: Path, kind: str | None = None) -> dict[str, Any]:
         raise KDError(f"{out} does not exist or is not a directory")
     if not path.exists():
         if (out / PLAN).exists():
-            raise KDError(f"{out} is incomplete (no {MANIFEST}); run `kd status {out}` to see missing tasks, then rerun them or `kd finalize {out}`")
+            raise KDError(f"{out} is incomplete (no {MANIFEST}); run `kd status {out}` to see missing tasks, then rerun them or `kd "
+                          f"finalize {out}`")
         raise KDError(f"{out} has no {MANIFEST}: it is not a complete kd output directory")
     manifest = io.read_json(path)
     if kind is not None and manifest.get("kind") != kind:

@@ -192,7 +192,8 @@ def teacher_predictions(topk_ids) -> np.ndarray:
 
 
 def teacher_tail_mass(topk_logits, lse) -> np.ndarray:
-    """Teacher probability (at the cache temperature) outside the stored top-k, per position.
+    """Teacher probability (at the cache temperature) outside the stored top-k, per position
+    (the tail mass of pipeline.softtargets' formulas).
 
     1 - sum(exp(topk_logits - lse)), clipped at 0 because float16 logits can overshoot by an ulp.
     A large tail means k is too small for this teacher/temperature.
@@ -202,22 +203,10 @@ def teacher_tail_mass(topk_logits, lse) -> np.ndarray:
     return np.clip(1.0 - mass, 0.0, 1.0)
 
 
-def teacher_student_agreement(student_logits, topk_ids) -> float:
-    """Fraction of positions where the student's argmax equals the teacher's (topk_ids[:, 0])."""
-    s = _np(student_logits)
-    s = s.reshape(-1, s.shape[-1])
-    t = _np(topk_ids)
-    t = t.reshape(-1, t.shape[-1])[:, 0]
-    if s.shape[0] != t.shape[0]:
-        raise ValueError(f"{s.shape[0]} student positions but {t.shape[0]} teacher positions")
-    if t.size == 0:
-        raise ValueError("no positions to compare")
-    return float(np.mean(s.argmax(-1) == t))
-
-
 def kl_per_position(student_logits, topk_ids, topk_logits, lse, cache_temperature: float,
                     chunk_elements: int = 1 << 24) -> np.ndarray:
-    """KL(teacher || student) at T = 1 per position, over the k stored ids plus one tail bucket.
+    """KL(teacher || student) at T = 1 per position, over the k stored ids plus one tail bucket
+    (the formulas: pipeline.softtargets; the training loss is pipeline.losses.kd_loss_sum).
 
     Inputs may carry any leading shape ([N, ...]); they are flattened to positions.  The cache
     holds z/T_cache, so the teacher's T = 1 logits at the stored ids are topk_logits * T_cache:
@@ -283,13 +272,3 @@ def kl_per_position(student_logits, topk_ids, topk_logits, lse, cache_temperatur
             tail = np.where(p_tail > 0, p_tail * (np.log(p_tail) - logq_tail), 0.0)
             out[a:a + step] = np.maximum(top + tail, 0.0)  # KL >= 0; clip rounding noise
     return out
-
-
-def kl_teacher_student(student_logits, topk_ids, topk_logits, lse,
-                       cache_temperature: float) -> float:
-    """Mean over positions of `kl_per_position` (see there for the top-k + tail approximation).
-
-    Streaming evaluations should sum `kl_per_position` over batches, not average batch means.
-    """
-    return float(np.mean(kl_per_position(student_logits, topk_ids, topk_logits, lse,
-                                         cache_temperature)))

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import tasks
 from pipeline.errors import KDError
 
-AUTO_CLASSES = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "masked-lm": "AutoModelForMaskedLM",
-    "causal-lm": "AutoModelForCausalLM",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,13 +35,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def auto_class(task_type: str):
     import transformers
 
-    if task_type not in AUTO_CLASSES:
-        raise KDError(f"unknown task type {task_type!r}: use one of {', '.join(AUTO_CLASSES)}")
-    return getattr(transformers, AUTO_CLASSES[task_type])
+    return getattr(transformers, tasks.get(task_type).auto_class)
 
 
-def load_model(path: str, task_type: str, dtype: torch.dtype = torch.float32, device=None,
-               require_head: bool = True):
+def load_model(path: str, task_type: str, dtype: torch.dtype = torch.float32, device=None):
     """Load `path` with the AutoModelFor… class of the task; refuse missing head weights."""
     cls = auto_class(task_type)
     _quiet_transformers()
@@ -58,7 +50,7 @@ def load_model(path: str, task_type: str, dtype: torch.dtype = torch.float32, de
     except OSError as exc:
         raise KDError(f"model {path} cannot be loaded: {str(exc).splitlines()[0]}") from None
     missing = list(info.get("missing_keys", []))
-    if require_head and missing:
+    if missing:
         shown = ", ".join(sorted(missing)[:3]) + (" …" if len(missing) > 3 else "")
         raise KDError(f"model {path} has no trained {task_type} head (weights missing: {shown}); "
                       f"fine-tune it first (kd train without --targets) or pass a model with that head")
@@ -110,7 +102,8 @@ def split_head(model, task_type: str):
     Running the vocabulary-sized head on the target positions only is what keeps teacher
     extraction and student training bounded; callers check the split against the model's own
     forward once, so an unknown composition falls back to it."""
-    if task_type == "causal-lm":
+    kind = tasks.get(task_type).lm_head
+    if kind == "causal":
         body = model.get_decoder() if hasattr(model, "get_decoder") else None
         head = model.get_output_embeddings()
         if body is None or head is None:
@@ -127,7 +120,7 @@ def split_head(model, task_type: str):
             return z
 
         return body, head_fn
-    if task_type == "masked-lm":
+    if kind == "masked":
         body = getattr(model, model.base_model_prefix, None)
         for name in ("cls", "lm_head", "predictions"):
             head = getattr(model, name, None)

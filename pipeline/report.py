@@ -11,17 +11,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline import io
+from pipeline import io, tasks
 
-PRIMARY = {"sequence-classification": "accuracy", "token-classification": "entity_f1",
-           "masked-lm": "perplexity", "causal-lm": "perplexity"}
 LOWER_IS_BETTER = {"perplexity", "ece", "kl", "latency_p50_ms"}
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "entity_precision": "entity P",
           "entity_recall": "entity R", "entity_f1": "entity F1", "perplexity": "perplexity",
           "ece": "ECE", "agreement": "top-1 agreement", "kl": "KL(T‖S)"}
-SECONDARY = {"sequence-classification": ["macro_f1", "ece"],
-             "token-classification": ["entity_precision", "entity_recall", "accuracy", "ece"],
-             "masked-lm": [], "causal-lm": []}
 
 _STR, _F, _I = "str", "f64", "i64"
 COLUMNS = {
@@ -88,8 +83,7 @@ def _count(n) -> str:
 
 def table(rows: list[dict], task_type: str) -> str:
     """The markdown table: the teacher first as the reference, then the students as given."""
-    primary = PRIMARY[task_type]
-    extra = SECONDARY[task_type]
+    primary, *extra = tasks.get(task_type).metrics
     head = ["model", "role", LABELS[primary], "% of teacher", *(LABELS[c] for c in extra),
             "agreement", "KL(T‖S)", "params", "size (MB)", "ex/s", "speed-up", "p50 ms (batch 1)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -115,22 +109,22 @@ def table(rows: list[dict], task_type: str) -> str:
 
 
 def metrics_row(name: str, path: str, role: str, scored_from: str, task_type: str, scores: dict, cost: dict) -> dict:
-    metric = PRIMARY[task_type]
+    metric = tasks.get(task_type).primary_metric
     return {"name": name, "model": path, "role": role, "scored_from": scored_from, "task_type": task_type,
             "metric": metric, "value": scores.get(metric), **scores, **cost}
 
 
 def teacher_notes(stats: dict, teacher: dict) -> list[str]:
     """What the teacher's numbers mean when they come from a top-k cache rather than a forward."""
-    T, k, task_type = float(stats["temperature"]), int(stats["top_k"]), stats["task_type"]
+    T, k, task = float(stats["temperature"]), int(stats["top_k"]), tasks.get(stats["task_type"])
     notes = [f"KL(T‖S) at T = 1 over the teacher's stored top-{k}"
              + (" plus one bucket for the remaining (tail) mass." if T == 1.0 else
                 f", renormalised: the cache holds z/T at T = {T:g}, so the T = 1 tail is unknown "
                 f"(a proxy, exact when the tail is small).")]
-    if task_type.endswith("classification") and teacher.get("ece") is None:
+    if task.classification and teacher.get("ece") is None:
         notes.append(f"Teacher ECE is empty: from the top-{k} of {stats['outputs']} classes at T = {T:g} "
                      f"its T = 1 confidence is not recoverable.")
-    elif not task_type.endswith("classification") and teacher.get("perplexity") is None:
+    elif not task.classification and teacher.get("perplexity") is None:
         notes.append(f"Teacher perplexity is empty: the cache holds z/T at T = {T:g}, from which a token's T = 1 "
                      f"probability is not recoverable; evaluate with a T = 1 cache (or --teacher without --targets).")
     elif teacher.get("teacher_labels_outside_topk"):
@@ -149,7 +143,7 @@ def markdown(rows: list[dict], task_type: str, header: list[str], notes: list[st
     if notes:
         parts += ["Notes:", "", *(f"- {n}" for n in notes), ""]
     if plot_name:
-        parts += [f"![{LABELS[PRIMARY[task_type]]} against parameters and examples/s]({plot_name})", ""]
+        parts += [f"![{LABELS[tasks.get(task_type).primary_metric]} against parameters and examples/s]({plot_name})", ""]
     return "\n".join(parts)
 
 
@@ -161,7 +155,7 @@ def plot(path: Path, rows: list[dict], task_type: str) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    metric = PRIMARY[task_type]
+    metric = tasks.get(task_type).primary_metric
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline import config, tasks
 from pipeline.errors import KDError
 
 TOP_KEYS = {"name", "workdir", "task_type", "data", "teacher", "targets", "students", "eval"}
@@ -35,17 +36,20 @@ class Plan:
 
 
 def _norm(d: Any, where: str) -> dict[str, Any]:
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise KDError(f"{where} must be a mapping of keys to values")
-    return {str(k).replace("-", "_"): v for k, v in d.items()}
+    return config.normalize_keys(d, where)
 
 
 def _check_keys(d: dict, allowed: set[str], where: str, path: Path) -> None:
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise KDError(f"{path}: unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+    try:
+        config.check_keys(d, allowed, where)
+    except KDError as exc:
+        raise KDError(f"{path}: {exc}") from None
+
+
+def output_dir(value: str, base: Path) -> str:
+    """A directory the pipeline writes (workdir, cache root): relative to the YAML's folder, never a hub id."""
+    p = Path(os.path.expanduser(str(value)))
+    return str(p if p.is_absolute() else base / p)
 
 
 def resolve_path(value: str, base: Path, what: str, path: Path, must_exist: bool | None = None) -> str:
@@ -72,20 +76,16 @@ def resolve_path(value: str, base: Path, what: str, path: Path, must_exist: bool
 
 
 def _build(cls, values: dict, where: str, path: Path):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    _check_keys(values, fields, where, path)
     try:
-        return cls(**values)
+        return config.build(cls, values, where)
+    except KDError as exc:
+        raise KDError(f"{path}: {exc}") from None
     except TypeError as exc:
         raise KDError(f"{path}: {where}: {exc}") from None
 
 
 def load(path: str | Path, workdir: str | None = None) -> Plan:
     import yaml
-
-    from stages.evaluate import EvalConfig
-    from stages.teacher import TeacherConfig
-    from stages.train import TrainConfig
 
     path = Path(path)
     try:
@@ -99,8 +99,8 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
     base = path.resolve().parent
     task_type = doc.get("task_type")
     if not task_type:
-        raise KDError(f"{path}: task_type is required (sequence-classification, token-classification, masked-lm, causal-lm)")
-    work = Path(workdir) if workdir else Path(resolve_path(doc.get("workdir", "runs/" + path.stem), base, "workdir", path, False))
+        raise KDError(f"{path}: task_type is required ({', '.join(tasks.NAMES)})")
+    work = Path(workdir) if workdir else Path(output_dir(doc.get("workdir", "runs/" + path.stem), base))
 
     data = _norm(doc.get("data"), "data")
     _check_keys(data, DATA_KEYS, "data", path)
@@ -121,18 +121,18 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
         ft = _norm(teacher["finetune"], "teacher.finetune")
         ft = {"data": splits["train"], "split": "train", "task_type": task_type, "student": teacher_model,
               "limit": limits.get("train"), **columns, **ft, "out": str(work / "teacher")}
-        finetune = _build(TrainConfig, ft, "teacher.finetune", path)
+        finetune = _build(config.TrainConfig, ft, "teacher.finetune", path)
         teacher_model = finetune.out
 
     tgt = _norm(doc.get("targets"), "targets")
     cache_root = tgt.pop("cache_root", None)
-    cache_root = resolve_path(cache_root, base, "targets.cache_root", path, False) if cache_root else str(work / "caches")
+    cache_root = output_dir(cache_root, base) if cache_root else str(work / "caches")
     targets = {}
     for split, file in splits.items():
         values = {"model": teacher_model, "data": file, "split": split,
                   "task_type": task_type, "limit": limits.get(split), **columns, **tgt,
                   "cache_root": cache_root, "out": str(work / "targets" / split)}
-        targets[split] = _build(TeacherConfig, values, "targets", path)
+        targets[split] = _build(config.TeacherConfig, values, "targets", path)
 
     students = []
     for i, s in enumerate(doc.get("students") or []):
@@ -142,12 +142,14 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
             raise KDError(f"{path}: students[{i}] needs a name (its output goes to workdir/students/NAME)")
         if s.get("student_from_teacher") is True:
             s["student_from_teacher"] = teacher_model  # `true` means: the (fine-tuned) teacher of this pipeline
+        elif s.get("student_from_teacher"):
+            s["student_from_teacher"] = resolve_path(s["student_from_teacher"], base, f"students[{i}].student_from_teacher", path)
         elif s.get("student"):
             s["student"] = resolve_path(s["student"], base, f"students[{i}].student", path)
         values = {"targets": str(work / "targets" / "train"), "out": str(work / "students" / name), **s}
         if "validation" in targets and "eval_targets" not in s:
             values["eval_targets"] = str(work / "targets" / "validation")
-        students.append((name, _build(TrainConfig, values, f"students[{i}] ({name})", path)))
+        students.append((name, _build(config.TrainConfig, values, f"students[{i}] ({name})", path)))
     if len({n for n, _ in students}) != len(students):
         raise KDError(f"{path}: two students share a name; names must be unique")
 
@@ -160,5 +162,5 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
         values = {"model": [str(c.out) for _, c in students], "data": splits[split],
                   "split": split, "targets": str(work / "targets" / split),
                   "task_type": task_type, **columns, **ev, "out": str(work / "eval")}
-        evaluation = _build(EvalConfig, values, "eval", path)
+        evaluation = _build(config.EvalConfig, values, "eval", path)
     return Plan(doc.get("name", path.stem), work, finetune, targets, students, evaluation)

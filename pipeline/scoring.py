@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline import metrics as M
+from pipeline import tasks
 
 class Tally:
     """Running sums for one model over streamed rows. Classification keeps one prediction, label
@@ -19,7 +20,9 @@ class Tally:
 
     def __init__(self, task_type: str, id2label: dict[int, str], from_cache: bool = False):
         self.task_type, self.id2label, self.from_cache = task_type, id2label, from_cache
-        self.classify = task_type.endswith("classification")
+        self.task = tasks.get(task_type)
+        self.classify = self.task.classification
+        self.entities = "entity_f1" in self.task.metrics  # tags per word, scored as BIO entities
         self.preds, self.gold, self.probs, self.true_tags, self.pred_tags = [], [], [], [], []
         self.calibrated, self.exact_nll = True, True
         self.nll, self.tokens, self.outside = 0.0, 0, 0
@@ -65,7 +68,7 @@ class Tally:
         self.outside += int((keep & ~inside).sum())
 
     def _count(self, rows: list[dict]) -> np.ndarray:
-        gold = _gold(self.task_type, rows)
+        gold = tasks.gold_labels(self.task, rows)
         self.rows += len(rows)
         self.positions += len(gold)
         return gold
@@ -77,7 +80,7 @@ class Tally:
             self.calibrated = False
         else:
             self.probs.append(probs / probs.sum(-1, keepdims=True) if len(probs) else probs)
-        if self.task_type == "token-classification":
+        if self.entities:
             start = 0
             for r in rows:
                 g, p = gold[start:start + len(r["positions"])], preds[start:start + len(r["positions"])]
@@ -91,11 +94,11 @@ class Tally:
         if self.classify and (gold != M.IGNORE_INDEX).any():
             preds = np.concatenate(self.preds)
             r["accuracy"] = M.accuracy(preds, gold)
-            if self.task_type == "sequence-classification":
-                r["macro_f1"] = M.macro_f1(preds, gold, num_classes=len(self.id2label) or None)
-            else:
+            if self.entities:
                 e = M.entity_prf(self.true_tags, self.pred_tags)
                 r.update(entity_precision=e["precision"], entity_recall=e["recall"], entity_f1=e["f1"])
+            else:
+                r["macro_f1"] = M.macro_f1(preds, gold, num_classes=len(self.id2label) or None)
             if self.calibrated:
                 r["ece"] = M.expected_calibration_error(np.concatenate(self.probs), gold)
         if not self.classify and self.tokens and self.exact_nll:
@@ -129,14 +132,3 @@ def _cached_probs(ids, vals, lse, temperature: float, n_classes: int) -> np.ndar
     else:
         return None
     return full
-
-
-def _gold(task_type: str, rows: list[dict]) -> np.ndarray:
-    """The hard label of every target position, -100 where there is none."""
-    if task_type == "sequence-classification":
-        g = [M.IGNORE_INDEX if r["labels"] is None else r["labels"] for r in rows for _ in r["positions"]]
-    elif task_type == "causal-lm":
-        g = [r["input_ids"][p + 1] for r in rows for p in r["positions"]]
-    else:
-        g = [M.IGNORE_INDEX if r["labels"] is None else r["labels"][p] for r in rows for p in r["positions"]]
-    return np.asarray(g, dtype=np.int64)

@@ -185,30 +185,18 @@ def driver_script(work: Work, array_text: str | None, after_text: str, logs: str
 # --- what is missing ------------------------------------------------------------------------
 
 
-def _stage_params(stage: str, stage_args: list[str]) -> dict:
-    """The stage's own parser (defaults, --config, validation) applied to the passthrough."""
-    from pipeline.cli import cli
-
-    cmd = cli.commands.get(stage)
-    if cmd is None:
-        raise KDError(f"this kd has no `{stage}` command to run as an array")
-    with cmd.make_context(f"kd {stage}", list(stage_args)) as ctx:
-        if ctx.params.get("task_index") is not None:
-            raise KDError("drop --task-index from the stage arguments: every array task gets its own")
-        return dict(ctx.params)
-
-
 def _teacher_key(p: dict) -> str:
-    from stages.teacher import TeacherConfig, resolve_inputs  # tokenizer + data + weight hashes
+    from pipeline.config import TeacherConfig
+    from pipeline.inputs import resolve_inputs  # tokenizer + data + weight hashes, no forward
 
     return resolve_inputs(TeacherConfig(**p, progress=False)).key
 
 
-def teacher_work(stage_args: list[str], num_tasks: int | None) -> Work:
-    """Stage 1: which of the N tasks still lack a completion record in the cache directory."""
+def teacher_work(stage_args: list[str], p: dict, num_tasks: int | None) -> Work:
+    """Stage 1: which of the N tasks still lack a completion record in the cache directory.
+    `p` is `stage_args` parsed by `kd teacher`'s own parser (defaults, --config, validation)."""
     from pipeline import manifest
 
-    p = _stage_params("teacher", stage_args)
     if num_tasks is not None and p.get("num_tasks") is not None and num_tasks != p["num_tasks"]:
         raise KDError(f"--num-tasks {num_tasks} but the stage arguments say --num-tasks {p['num_tasks']}; give one")
     n = num_tasks if num_tasks is not None else p.get("num_tasks")
@@ -245,12 +233,11 @@ def teacher_work(stage_args: list[str], num_tasks: int | None) -> Work:
     return work
 
 
-def train_work(stage_args: list[str], num_tasks: int | None) -> Work:
+def train_work(stage_args: list[str], p: dict, num_tasks: int | None) -> Work:
     """A sweep: entry i is task i; it is done when its student directory has a manifest."""
     from pipeline import manifest, sweep
-    from stages.train import TrainConfig
+    from pipeline.config import TrainConfig
 
-    p = _stage_params("train", stage_args)
     if not p.get("sweep"):
         raise KDError("kd slurm train runs a sweep: give --sweep FILE (one student per entry) in the stage arguments")
     n = len(sweep.load(p["sweep"]))
@@ -307,92 +294,3 @@ def emit(work: Work, s: Scheduler, submit: bool) -> None:
     click.echo(f"submitted job array {array_id}: kd {work.stage} task(s) {compress(work.indices)} of "
                f"{work.num_tasks}; job {after_id}: kd {work.after_label} ({work.dependency}); logs in {logs}",
                err=True)
-
-
-def _scheduler_options(f):
-    for opt in reversed([
-        click.option("--num-tasks", type=int, default=None, help="Number of array tasks (N)."),
-        click.option("--array-parallel", "-M", type=int, default=None, help="At most M tasks at once (--array=…%M)."),
-        click.option("--gpus", default=None, help="GPUs per task: N or TYPE:N (--gres=gpu:…)."),
-        click.option("--cpus-per-task", type=int, default=None, help="CPUs per task (also OMP_NUM_THREADS)."),
-        click.option("--mem", default=None, help="Memory per task, e.g. 32G."),
-        click.option("--time", default=None, help="Time limit per task, e.g. 4:00:00."),
-        click.option("--partition", default=None),
-        click.option("--account", default=None),
-        click.option("--job-name", default=None, help="Default: kd-STAGE-<out name>."),
-        click.option("--logs", default=None, help="Directory of the per-task logs (default: ./slurm-logs)."),
-        click.option("--kd", default=None, help="kd executable the jobs call (default: this one's absolute path)."),
-        click.option("--extra-sbatch", multiple=True, help="More sbatch flags, e.g. '--qos=high' (repeatable)."),
-        click.option("--submit", is_flag=True, help="Submit with sbatch and print the job ids instead of the script."),
-    ]):
-        f = opt(f)
-    return click.argument("stage_args", nargs=-1, type=click.UNPROCESSED)(f)
-
-
-PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
-
-
-def _split(kw: dict) -> tuple[bool, list[str], int | None, Scheduler]:
-    return kw.pop("submit"), list(kw.pop("stage_args")), kw.pop("num_tasks"), Scheduler(**kw)
-
-
-@click.group("slurm")
-def slurm_group():
-    """Run a stage as a SLURM job array plus a dependent job (print the script, or --submit)."""
-
-
-@slurm_group.command("teacher", context_settings=PASSTHROUGH)
-@_scheduler_options
-def teacher_cmd(**kw):
-    """Stage 1 as an N-task array, then `kd finalize`. Pass kd teacher's flags after `--`.
-
-    \b
-    kd slurm teacher --num-tasks 8 -M 4 --gpus 1 --time 2:00:00 --submit -- \\
-        --model TEACHER --data train.jsonl --task-type sequence-classification --out caches/train
-
-    Rerun the same command after a failure: only tasks without a completion record go out.
-    """
-    submit, args, n, s = _split(kw)
-    emit(teacher_work(args, n), s, submit)
-
-
-@slurm_group.command("train", context_settings=PASSTHROUGH)
-@_scheduler_options
-def train_cmd(**kw):
-    """A sweep of students as an array (task i trains entry i of --sweep FILE), then a summary.
-
-    \b
-    kd slurm train -M 8 --gpus 1 --submit -- \\
-        --targets caches/train --sweep sweep.yaml --out students --max-steps 2000
-
-    N is the number of sweep entries. The dependent job (afterany) runs `kd slurm summary`
-    over every student directory: it lists them and fails unless all are complete. Rerun the
-    same command after a failure: only entries without a manifest go out (they resume from
-    their checkpoints).
-    """
-    submit, args, n, s = _split(kw)
-    emit(train_work(args, n), s, submit)
-
-
-@slurm_group.command("summary")
-@click.argument("directories", nargs=-1, required=True, type=click.Path(file_okay=False))
-def summary_cmd(directories):
-    """One line per output directory (complete or not); exit status 1 unless all are complete."""
-    from pipeline import io, manifest
-
-    incomplete = []
-    for d in directories:
-        path = Path(d)
-        if not (path / manifest.MANIFEST).exists():
-            incomplete.append(d)
-            click.echo(f"{d}: " + ("incomplete" if (path / manifest.PLAN).exists() else "not started"))
-            continue
-        m = io.read_json(path / manifest.MANIFEST)
-        final = (m.get("stats") or {}).get("final") or {}
-        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())
-        upstream = ", ".join(u.get("key", "?")[:12] for u in m.get("upstream", []))
-        click.echo(f"{d}: complete {m.get('kind')} {m.get('key', '?')[:12]}"
-                   + (f" from {upstream}" if upstream else "") + (f"; {shown}" if shown else ""))
-    if incomplete:
-        raise KDError(f"{len(incomplete)} of {len(directories)} output(s) incomplete; rerun the same "
-                      f"`kd slurm` command to resubmit only those")

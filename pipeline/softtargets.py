@@ -6,13 +6,34 @@ target positions are gathered, and the LM head is applied a bounded slab of posi
 time, each slab converted to float32 only to take its top-k and logsumexp. The split into
 body and head is checked once against the model's own forward; a model whose head cannot be
 split that way falls back to the full forward, still reduced slab by slab.
+
+The math of a cache entry -- the one home of these formulas; `pipeline.losses` (torch, for
+training) and `pipeline.metrics` (numpy float64, for evaluation and `kd inspect`) implement them
+and cite this. For a position with teacher logits z over V ids, temperature T, stored values
+v_i = z_i / T at the top-k ids i and lse = logsumexp(z / T) over all V ids:
+
+    log p_T(i) = v_i - lse                                   exact, for every stored id
+    tail mass  = 1 - sum_i exp(v_i - lse)                    the mass of the V - k ids not stored,
+               = -expm1(logsumexp(v - lse))                  computed so that a tail of 1e-12 survives
+    KL_{k+1}(p || q) = sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
+
+where q is the student's softmax at the same T and q_tail its mass outside the stored ids. The
+(k+1)-bucket KL is a true KL between two distributions (a coarsening of the full-vocabulary KL,
+so it never exceeds it), unlike the top-k-renormalised one. Edge cases, the same on both sides:
+k == V has no tail bucket (the KL is the dense one); float16 rounding can make the stored mass
+exceed 1 by an ulp, and such a tail is taken as 0 (never negative, never NaN); at a temperature
+T' other than the cache's, v * T / T' gives exact ratios among the stored ids but the tail is
+unknown, so both sides are renormalised over the k ids.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
+from pipeline.data import pad_batch, pad_id, token_budget_batches
 from pipeline.errors import KDError
 from pipeline.models import split_head
 
@@ -23,11 +44,14 @@ class Extractor:
     """Computes (topk_ids, topk z/T, logsumexp z/T) for the target positions of a batch."""
 
     def __init__(self, model, task_type: str, top_k: int, temperature: float,
-                 slab_bytes: int = 256 << 20):
+                 slab_bytes: int = 256 << 20, vocab_limit: int | None = None, profile: bool = False):
         self.model, self.task_type, self.temperature = model, task_type, float(temperature)
-        self.top_k = top_k
+        self.top_k, self.vocab_limit = top_k, vocab_limit  # vocab_limit: padding ids are left out (pipeline.fit)
         self.slab_bytes = slab_bytes
         self.split = split_head(model, task_type)
+        # profile: synchronised timers around the body and around head + top-k + logsumexp. They
+        # serialise a GPU, so they are for benchmarks (bench_teacher), never on by default.
+        self.profile = {"body_seconds": 0.0, "reduce_seconds": 0.0} if profile else None
         self._checked = self.split is None
 
     @torch.inference_mode()
@@ -36,6 +60,7 @@ class Extractor:
         p_idx = torch.tensor([p for ps in positions for p in ps], dtype=torch.long)
         if not self._checked:
             self._check_split(input_ids[:1], attention_mask[:1])
+        t0 = self._tick(input_ids.device)
         if self.split is not None:
             body, head = self.split
             hidden = body(input_ids=input_ids, attention_mask=attention_mask)[0]
@@ -48,7 +73,19 @@ class Extractor:
             else:
                 feats = logits[b_idx.to(logits.device), p_idx.to(logits.device)]
             slab_fn = None
-        return self._reduce(feats, slab_fn)
+        t1 = self._tick(input_ids.device)
+        out = self._reduce(feats, slab_fn)
+        if self.profile is not None:
+            self.profile["body_seconds"] += t1 - t0
+            self.profile["reduce_seconds"] += self._tick(input_ids.device) - t1
+        return out
+
+    def _tick(self, device) -> float:
+        if self.profile is None:
+            return 0.0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def _reduce(self, feats, slab_fn):
         n = feats.shape[0]
@@ -58,14 +95,14 @@ class Extractor:
         while start < n:
             if vocab is None:  # size the slab once the vocabulary is known
                 probe = slab_fn(feats[:1]) if slab_fn is not None else feats[:1]
-                vocab = probe.shape[-1]
+                vocab = min(probe.shape[-1], self.vocab_limit or probe.shape[-1])
                 if self.top_k > vocab:
                     raise KDError(f"--top-k {self.top_k} is larger than the teacher's {vocab} outputs; use --top-k {vocab} or less")
                 step = max(1, self.slab_bytes // (4 * vocab))
             chunk = feats[start:start + step]
             # z is a private temporary (the head's output or a gathered copy), so it is reduced in
             # place: one pass less than logsumexp's own max, no copy for /T at T = 1.
-            z = (slab_fn(chunk) if slab_fn is not None else chunk).float()
+            z = (slab_fn(chunk) if slab_fn is not None else chunk)[:, :vocab].float()
             if self.temperature != 1.0:
                 z.div_(self.temperature)
             vals, ids = torch.topk(z, self.top_k, dim=-1, sorted=True)
@@ -94,6 +131,43 @@ class Extractor:
         tol = 1e-3 if full.dtype == torch.float32 and ids.device.type == "cpu" else 5e-2
         if full.shape != mine.shape or not torch.allclose(full, mine, atol=tol * max(1.0, float(full.abs().max())), rtol=0):
             self.split = None  # unknown head composition: use the full forward
+
+
+def launch(extractor: Extractor, examples, tokenizer, batch_tokens: int, device):
+    """Launch the teacher on every batch of a shard, length-bucketed under the token budget.
+
+    Results come back as device-to-host copies still in flight plus an event: nothing here
+    waits for the GPU, so the writer thread (which synchronises on the event, in `collect`)
+    overlaps the copies and the Parquet writing with the next shard's forward passes."""
+    pad = pad_id(tokenizer)
+    launched = []
+    for batch in token_budget_batches([len(e.input_ids) for e in examples], batch_tokens):
+        ids, att = pad_batch([examples[i].input_ids for i in batch], pad)
+        res = extractor(ids.to(device, non_blocking=True), att.to(device, non_blocking=True),
+                        [examples[i].positions for i in batch])
+        launched.append((batch, *(t.to("cpu", non_blocking=True) for t in res)))
+    event = None
+    if device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+    return launched, event
+
+
+def collect(examples, launched, event):
+    """Per example, in input order: (topk_ids [p,k] int32, z/T [p,k] float32, lse [p] float32)."""
+    if event is not None:
+        event.synchronize()
+    results = [None] * len(examples)
+    for batch, top_ids, top_vals, lse in launched:
+        top_ids, top_vals, lse = top_ids.numpy(), top_vals.float().numpy(), lse.float().numpy()
+        owners = [(i, p) for i in batch for p in examples[i].positions]
+        check_finite(lse, top_vals, lambda j, owners=owners: (examples[owners[j][0]].row, owners[j][1]))
+        offset = 0
+        for i in batch:
+            p = len(examples[i].positions)
+            results[i] = (top_ids[offset:offset + p], top_vals[offset:offset + p], lse[offset:offset + p])
+            offset += p
+    return results
 
 
 def check_finite(lse: np.ndarray, values: np.ndarray, where) -> None:

@@ -1,4 +1,4 @@
-"""Making a student, checking that it fits a cache, and running it on target positions only.
+"""Making a student, and running it on target positions only.
 
 A student either comes whole (`--student DIR|HUB_ID`) or is cut from the teacher DistilBERT
 style (`--student-from-teacher MODEL --student-layers 0,2,4`): same config with fewer layers,
@@ -7,11 +7,8 @@ generically -- the one nn.ModuleList whose length is config.num_hidden_layers --
 (`bert.encoder.layer`) and Llama-like (`model.layers`) models both work without a table of
 architectures.
 
-A student that cannot learn from a cache must be refused before training, not after hours of
-it: token-level targets are indexed by the teacher's token ids, so the student must share the
-teacher's vocabulary; classification targets are indexed by label id, so the label sets must
-agree. Only sequence classification can use a student with its own tokenizer (it re-tokenises
-the stored text).
+Whether a student can read a cache is decided by `pipeline.fit`, the one rule that stage 3
+applies too.
 """
 
 from __future__ import annotations
@@ -25,11 +22,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from pipeline import tasks
 from pipeline.errors import KDError
-from pipeline.fingerprint import model_fingerprint, resolve_model_dir, tokenizer_fingerprint
-from pipeline.models import AUTO_CLASSES, auto_class, has_tokenizer, load_tokenizer, split_head
-
-CLASSIFICATION = ("sequence-classification", "token-classification")
+from pipeline.fingerprint import model_fingerprint, resolve_model_dir
+from pipeline.fit import check_labels, default_names, label_names
+from pipeline.models import auto_class, has_tokenizer, load_tokenizer, split_head
 
 
 def parse_layers(spec: str | Sequence[int] | None) -> list[int]:
@@ -47,16 +44,6 @@ def parse_layers(spec: str | Sequence[int] | None) -> list[int]:
     if not layers or len(set(layers)) != len(layers):
         raise KDError(f"--student-layers {spec!r}: give distinct layer indices like 0,2,4")
     return layers
-
-
-def default_names(n: int) -> list[str]:
-    return [f"LABEL_{i}" for i in range(n)]
-
-
-def label_names(config) -> list[str]:
-    id2label = getattr(config, "id2label", None) or {}
-    n = int(getattr(config, "num_labels", 0) or len(id2label))
-    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
 
 
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -110,11 +97,6 @@ def _quiet() -> None:
     logging.set_verbosity_error()
 
 
-def has_head(config, task_type: str) -> bool:
-    suffix = AUTO_CLASSES[task_type].replace("AutoModel", "")
-    return any(a.endswith(suffix) for a in (getattr(config, "architectures", None) or []))
-
-
 def load_student(task_type: str, *, student: str | None = None, from_teacher: str | None = None,
                  layers=None, labels: list[str] | None = None, labels_are_ids: bool = False) -> Student:
     """The initial student; `labels` is the label set a new classification head gets.
@@ -126,6 +108,7 @@ def load_student(task_type: str, *, student: str | None = None, from_teacher: st
     from transformers import AutoConfig
 
     _quiet()
+    task = tasks.get(task_type)
     cls = auto_class(task_type)
     path = resolve_model_dir(student or from_teacher)
     try:
@@ -133,19 +116,20 @@ def load_student(task_type: str, *, student: str | None = None, from_teacher: st
     except (OSError, ValueError) as exc:
         raise KDError(f"{path} is not a transformers model directory: {str(exc).splitlines()[0]}") from None
     kw: dict[str, Any] = {"dtype": torch.float32}  # master weights; --dtype only sets autocast
-    if (labels_are_ids and labels and labels == default_names(len(labels)) and has_head(config, task_type)
-            and int(config.num_labels) >= len(labels)):
+    head = task.has_head(config)
+    if labels_are_ids and labels and labels == default_names(len(labels)) and head and int(config.num_labels) >= len(labels):
         labels = label_names(config)
-    if task_type in CLASSIFICATION and labels is not None:
-        check_labels(config, labels, task_type, str(path), new_head_ok=not has_head(config, task_type))
-        if not has_head(config, task_type):
+    if task.classification and labels is not None:
+        if head:  # a new head is made for the labels; an existing one must already fit them
+            check_labels(config, labels, task_type, str(path), "the targets")
+        else:
             kw.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)})
     try:
         model = cls.from_pretrained(path, **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise KDError(f"cannot load {path} for {task_type}: {str(exc).splitlines()[0]}") from None
-    if task_type in CLASSIFICATION and labels is not None and label_names(model.config) == default_names(len(labels)):
+    if task.classification and labels is not None and label_names(model.config) == default_names(len(labels)):
         model.config.id2label = dict(enumerate(labels))  # so the saved student names its classes
         model.config.label2id = {name: i for i, name in enumerate(labels)}
     if from_teacher:
@@ -162,49 +146,6 @@ def load_student(task_type: str, *, student: str | None = None, from_teacher: st
     return Student(model=model, tokenizer=tokenizer, init=init)
 
 
-def check_labels(config, labels: list[str], task_type: str, where: str, new_head_ok: bool = False) -> None:
-    """Refuse a student head whose label count or (non-default) names differ from `labels`."""
-    if new_head_ok:
-        return
-    mine = label_names(config)
-    if len(mine) != len(labels):
-        raise KDError(f"student {where} has {len(mine)} labels ({', '.join(mine)}) but the targets have "
-                      f"{len(labels)} ({', '.join(labels)}); use a student with the same label set or one without a {task_type} head")
-    if mine != labels and mine != default_names(len(mine)) and labels != default_names(len(labels)):
-        raise KDError(f"student {where} labels ({', '.join(mine)}) differ from the targets' ({', '.join(labels)}); "
-                      f"use a student with the same label names in the same order")
-
-
-def check_fit(student: Student, task_type: str, cache_stats: dict, cache_tokenizer_fp: dict, where: str) -> str:
-    """How the student reads the cache: "ids" (the stored input_ids) or "retokenize" (its own
-    tokenizer on the stored text). Raises KDError, naming the mismatch, if it cannot."""
-    cfg = student.model.config
-    outputs = int(cache_stats["outputs"])
-    if task_type in CLASSIFICATION:
-        names = [str(v) for _, v in sorted((cache_stats.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
-        check_labels(cfg, names or default_names(outputs), task_type, where)
-    tok = student.tokenizer
-    same = tok is None or tokenizer_fingerprint(tok)["sha256"] == cache_tokenizer_fp.get("sha256")
-    if task_type == "sequence-classification" and not same:
-        return "retokenize"
-    if tok is not None and not same:
-        fp = tokenizer_fingerprint(tok)
-        if fp["vocab_sha256"] != cache_tokenizer_fp.get("vocab_sha256"):
-            raise KDError(f"student {where} has another vocabulary ({fp['vocab_size']} tokens, vocab sha256 "
-                          f"{fp['vocab_sha256'][:12]}) than the teacher's ({cache_tokenizer_fp.get('vocab_size')} tokens, "
-                          f"{str(cache_tokenizer_fp.get('vocab_sha256'))[:12]}); {task_type} trains on the teacher's token ids, "
-                          f"so use a student with the teacher's tokenizer (e.g. --student-from-teacher)")
-    embeddings = student.model.get_input_embeddings().num_embeddings
-    need = int(cache_tokenizer_fp.get("vocab_size") or 0)
-    if embeddings < need:
-        raise KDError(f"student {where} embeds {embeddings} token ids but the teacher's tokenizer has {need}; "
-                      f"use a student with the teacher's vocabulary")
-    if task_type in ("masked-lm", "causal-lm") and int(cfg.vocab_size) != outputs:
-        raise KDError(f"student {where} predicts {cfg.vocab_size} tokens but the teacher's targets are over {outputs}; "
-                      f"use a student with the teacher's vocabulary size")
-    return "ids"
-
-
 class StudentForward(nn.Module):
     """The student's logits at the target positions only.
 
@@ -212,12 +153,13 @@ class StudentForward(nn.Module):
     gathered positions, which saves memory and time in masked-LM (~15% of tokens are
     targets). The split is checked once against the model's own forward and dropped if the
     model composes them differently. Wrapping this module (not the bare model) in DDP keeps
-    the split inside DDP's forward, so gradients are still synchronised.
+    the split inside DDP's forward, so gradients are still synchronised. `vocab_limit` cuts off
+    the outputs at padding ids of a padded vocabulary (see pipeline.fit).
     """
 
-    def __init__(self, model: nn.Module, task_type: str):
+    def __init__(self, model: nn.Module, task_type: str, vocab_limit: int | None = None):
         super().__init__()
-        self.model, self.task_type = model, task_type
+        self.model, self.task_type, self.vocab_limit = model, task_type, vocab_limit
         self.body, self.head = self._split()
 
     def _split(self):
@@ -247,8 +189,8 @@ class StudentForward(nn.Module):
     def forward(self, input_ids, attention_mask, b_idx, p_idx):
         if self.body is not None:
             hidden = self.body(input_ids=input_ids, attention_mask=attention_mask)[0]
-            return self.head(hidden[b_idx, p_idx])
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        if logits.dim() == 2:  # sequence classification: one output per example
-            return logits[b_idx]
-        return logits[b_idx, p_idx]
+            logits = self.head(hidden[b_idx, p_idx])
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits[b_idx] if logits.dim() == 2 else logits[b_idx, p_idx]  # 2-d: one output per example
+        return logits[:, :self.vocab_limit] if self.vocab_limit is not None else logits

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import jobarray
+from pipeline import config, jobarray
 from pipeline.errors import KDError
 
 NOT_SWEEPABLE = {"sweep", "task_index", "config"}
@@ -38,18 +38,21 @@ def load(path: str | Path) -> list[dict[str, Any]]:
         data = data["students"]
     if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
         raise KDError(f"--sweep {path} must hold a non-empty list of mappings (flag: value), one per student")
-    return [{str(k).replace("-", "_"): v for k, v in e.items()} for e in data]
+    return [config.normalize_keys(e, f"--sweep {path} entry {i}") for i, e in enumerate(data)]
 
 
 def select(cfg, path: str | Path, task_index: int | None):
     """`cfg` with the overrides of this task's entry; its output goes to OUT/NAME (entry
     `name`, default the zero-padded index) unless the entry sets `out` itself."""
     entries = load(path)
-    fields = {f.name for f in dataclasses.fields(cfg)}
+    allowed = {f.name for f in config.flags(type(cfg))} - NOT_SWEEPABLE | {"name"}
+    names: dict[str, int] = {}
     for i, e in enumerate(entries):
-        bad = sorted(set(e) - (fields - NOT_SWEEPABLE) - {"name"})
-        if bad:
-            raise KDError(f"--sweep {path} entry {i}: unknown or unsweepable key(s) {', '.join(bad)}")
+        config.check_keys(e, allowed, f"--sweep {path} entry {i}")
+        name = str(e.get("out") or e.get("name", f"{i:03d}"))
+        if name in names:  # two array tasks would train into one directory
+            raise KDError(f"--sweep {path}: entries {names[name]} and {i} both train into {name!r}; give each entry its own name")
+        names[name] = i
     try:
         index, _ = jobarray.resolve_task(task_index, len(entries))
     except KDError as exc:

@@ -21,59 +21,55 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import __version__, costs, io, manifest, report, scoring
+from pipeline import costs, io, manifest, report, scoring, tasks
 from pipeline import format as fmt
-from pipeline import metrics as M
+from pipeline.config import EvalConfig, recorded, result_settings
 from pipeline.data import Columns, Encoder, load_split, pad_id
 from pipeline.errors import KDError
-from pipeline.fingerprint import dataset_fingerprint, local_data_files, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
+from pipeline.fingerprint import dataset_fingerprint, local_data_files, model_fingerprint, resolve_model_dir
+from pipeline.fit import check_labels, fit
 from pipeline.models import has_tokenizer, load_model, load_tokenizer, pick_device, pick_dtype
+from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
 
-ARCH_TASKS = {"ForSequenceClassification": "sequence-classification", "ForTokenClassification": "token-classification",
-              "ForMaskedLM": "masked-lm", "ForCausalLM": "causal-lm"}
+__all__ = ["EvalConfig", "run"]
 OUTPUTS = ("metrics.parquet", "report.md", "plot.png")
 CHUNK_ROWS = 512
 
 
 @dataclasses.dataclass
-class EvalConfig:
-    model: list[str]
-    out: str
-    data: str | None = None
-    split: str = "test"
-    targets: str | None = None
-    teacher: str | None = None
-    task_type: str | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    id_column: str | None = None
-    max_length: int | None = None
-    top_k: int = 32
-    mask_seed: int = 0
-    mask_prob: float = 0.15
-    batch_size: int = 32
-    timing_examples: int = 64
-    time_teacher: bool = True
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    progress: bool = True
-
-
-@dataclasses.dataclass
 class Candidate:
     """A student and what decides whether it fits the rows; `view` is how it reads them:
-    stored (the cache's input_ids), retokenise (its own tokenizer on the cache's text) or own
-    (it encodes the split itself: no cache)."""
+    ids (the cache's input_ids), retokenize (its own tokenizer on the cache's text) or own
+    (it encodes the split itself: no cache); `vocab_limit` as in pipeline.fit."""
 
     path: Path
     name: str
     config: object
     tokenizer: object | None
     manifest: dict | None  # a kd train output's manifest
-    view: str = "stored"
+    view: str = "ids"
+    vocab_limit: int | None = None
+
+
+@dataclasses.dataclass
+class Split:
+    """The rows under evaluation and what is known of them: a targets cache of the split, or the split itself."""
+
+    task_type: str
+    id2label: dict[int, str]
+    temperature: float | None   # the cache's T (None: no cache, no teacher)
+    max_length: int
+    total: int
+    cache: dict | None = None   # the cache's manifest
+    cache_dir: Path | None = None
+    dataset: object = None      # without a cache: the datasets split and its columns
+    cols: Columns | None = None
+    limit: int | None = None
+
+    def rows(self):
+        """A fresh pass over the cache's rows (one per model)."""
+        return _cache_rows(self.cache_dir, self.cache, self.limit)
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -82,106 +78,127 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.batch_size < 1 or cfg.timing_examples < 0:
         raise KDError("--batch-size must be at least 1 and --timing-examples at least 0")
     out = Path(cfg.out)
-    _check_out(out)
+    StageOutput(out, "evaluation", "").refuse_other_kind()  # before a teacher runs into OUT/targets
+    out.mkdir(parents=True, exist_ok=True)
     students = [_candidate(p) for p in cfg.model]
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     notes: list[str] = []
 
     # 1. The evaluation rows: a cache of the split (given, or built here by running --teacher once) or the split itself.
-    cache_dir = Path(cfg.targets) if cfg.targets else None
-    if cache_dir is None and cfg.teacher:
-        cache_dir = _run_teacher(cfg, out, _task_type(cfg, students, None))
-    cache = _open_cache(cache_dir, cfg) if cache_dir else None
-    task_type = _task_type(cfg, students, cache and cache["stats"]["task_type"])
-    teacher_path = str(cfg.teacher or cache["config"]["model"]) if cache else None
-    names = _names([c.path for c in students] + ([teacher_path] if cache else []))
+    split = _split(cfg, out, students, notes)
+    teacher_path = str(cfg.teacher or split.cache["config"]["model"]) if split.cache else None
+    names = _names([c.path for c in students] + ([teacher_path] if split.cache else []))
     for c, name in zip(students, names):
         c.name = name
-    if cache:
-        stats, T = cache["stats"], float(cache["stats"]["temperature"])
-        id2label = {int(k): str(v) for k, v in (stats.get("id2label") or {}).items()}
-        max_length = cfg.max_length or cache["config"].get("max_length") or 512
-        total = min(stats["total_rows"], cfg.limit or stats["total_rows"])
-        rows_of = lambda: _cache_rows(cache_dir, cache, cfg.limit)  # noqa: E731  (a fresh pass per model)
-        dataset = cols = None
-    else:
-        if not cfg.data:
-            raise KDError("say what to evaluate on: --data (with --split), or --targets CACHE")
-        dataset = load_split(cfg.data, cfg.split, cfg.limit)
-        cols = Columns.resolve(dataset.column_names, task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
-        if task_type.endswith("classification") and cols.label is None:
-            raise KDError(f"--data {cfg.data!r} has no label column for {task_type}; name it with --label-column")
-        id2label, T, max_length, total = _labels(students[0].config), None, cfg.max_length or 512, len(dataset)
-        notes.append("No teacher: neither --targets nor --teacher was given, so there is no reference row.")
 
     # An evaluation of the same models, rows and settings is already complete: nothing to redo.
-    key, fps = _eval_key(cfg, students, cache, dataset, cols)
-    if (out / manifest.MANIFEST).exists() and io.read_json(out / manifest.MANIFEST).get("key") == key \
-            and all((out / n).exists() for n in OUTPUTS):
+    key, fps = _eval_key(cfg, students, split)
+    output = StageOutput(out, "evaluation", key, replace=True)
+    if output.existing() is not None:
         say(f"{out} already holds this evaluation (key {key[:12]}); nothing to do")
-        table = report.table(pl.read_parquet(out / "metrics.parquet").to_dicts(), task_type)
+        table = report.table(pl.read_parquet(out / "metrics.parquet").to_dicts(), split.task_type)
         return {"out": str(out), "report": str(out / "report.md"), "metrics": str(out / "metrics.parquet"),
                 "plot": str(out / "plot.png"), "table": table, "reused": True}
 
     # 2. Every model must fit those rows: task type (above), label set and vocabulary.
     for c in students:
-        c.view = _fit(c, task_type, cache, cache_dir, id2label) if cache else _fit_own(c, task_type, id2label)
-        if c.view == "retokenise":
-            notes.append(f"`{c.name}` has its own tokenizer: it reads the cache's text, re-tokenised (max length {max_length}).")
+        if split.cache:
+            how = fit(split.task_type, c.config, c.tokenizer, split.cache, str(c.path), f"the cache {split.cache_dir}")
+            c.view, c.vocab_limit = how.mode, how.vocab_limit
+        else:
+            c.view = _fit_own(c, split.task_type, split.id2label)
+        if c.view == "retokenize":
+            notes.append(f"`{c.name}` has its own tokenizer: it reads the cache's text, re-tokenised (max length {split.max_length}).")
 
-    # 3. The teacher, scored from its cache; timed here when its weights are at hand.
-    rows = []
-    if cache:
-        tally = scoring.Tally(task_type, id2label, from_cache=True)
-        for window in _windows(rows_of(), CHUNK_ROWS):
-            tally.add_cached_teacher(window, T)
-        cost, tdir = {}, _teacher_dir(cfg, cache, cache_dir, notes)
-        if tdir is not None:
-            model = load_model(str(tdir), task_type, dtype=dtype, device=device)
-            sample = [r["input_ids"] for r in itertools.islice(rows_of(), cfg.timing_examples)]
-            cost = _cost(model, tdir, sample, pad_id(load_tokenizer(str(cache_dir / "tokenizer"))), cfg, device)
-            del model
-        rows.append(report.metrics_row(names[-1], teacher_path, "teacher", "cache", task_type, tally.result(), cost))
-        notes += report.teacher_notes(stats, rows[0])
-
-    # 4. Each student: stream the rows through it in length-sorted batches, then time it on the first rows it read.
-    for c in students:
-        model = load_model(str(c.path), task_type, dtype=dtype, device=device)
-        source = rows_of() if c.view != "own" else _split_rows(dataset, Encoder(
-            c.tokenizer, task_type, cols, _max_len(c, max_length), {v: k for k, v in _labels(c.config).items()},
-            c.config.num_labels, cfg.mask_seed, cfg.mask_prob, cfg.id_column))
-        tally, sample = scoring.Tally(task_type, id2label), []
-        progress = Progress(total, f"eval {c.name}", enabled=cfg.progress)
-        for window in _windows(source, cfg.batch_size * 8):
-            if c.view == "retokenise":
-                window = _retokenise(window, c.tokenizer, _max_len(c, max_length))
-            sample += [r["input_ids"] for r in window[:cfg.timing_examples - len(sample)]]
-            window = sorted(window, key=lambda r: len(r["input_ids"]))
-            for b in range(0, len(window), cfg.batch_size):
-                batch = window[b:b + cfg.batch_size]
-                tally.add_model(batch, _forward(model, batch, c, device), T)
-            progress.update(len(window))
-        progress.close()
-        rows.append(report.metrics_row(c.name, str(c.path), "student", "model", task_type, tally.result(),
-                                       _cost(model, c.path, sample, pad_id(c.tokenizer), cfg, device)))
-        del model
+    # 3. The teacher, scored from its cache (timed here when its weights are at hand); 4. each student.
+    rows = [_score_teacher(cfg, split, names[-1], teacher_path, notes, device, dtype)] if split.cache else []
+    rows += [_score_student(cfg, split, c, device, dtype) for c in students]
 
     # 5. Outputs; manifest.json last, so a directory that has one is complete.
     rows = report.relative(rows)
-    (out / manifest.MANIFEST).unlink(missing_ok=True)
+    output.claim({"config": recorded(cfg), "fingerprints": fps, "upstream": _upstream(split, students)})
     report.write_metrics(out / "metrics.parquet", rows)
-    report.plot(out / "plot.png", rows, task_type)
-    header = [f"{total} rows of split `{cfg.split}`, {rows[0]['positions']} target positions.",
-              f"Teacher `{names[-1]}` is scored from its targets cache `{cache_dir}` (key `{cache['key'][:12]}`, top-{stats['top_k']}, "
-              f"T = {T:g}); students are compared with it at T = 1." if cache else f"Evaluated on `{cfg.data}`.",
-              f"Costs on {device} ({torch.get_num_threads()} threads, {str(dtype).replace('torch.', '')}): examples/s at batch "
-              f"{cfg.batch_size} and p50 latency at batch 1, over the first {min(total, cfg.timing_examples)} rows each model reads."]
-    io.write_text(out / "report.md", report.markdown(rows, task_type, header, notes, "plot.png"))
-    _write_manifest(out, cfg, key, fps, task_type, students, cache, cache_dir, rows, device, dtype)
+    report.plot(out / "plot.png", rows, split.task_type)
+    io.write_text(out / "report.md", report.markdown(rows, split.task_type, _header(cfg, split, names, rows, device, dtype),
+                                                     notes, "plot.png"))
+    files = [{**f, "rows": len(rows) if f["path"] == "metrics.parquet" else None} for f in output.file_records(OUTPUTS)]
+    output.complete(files, {"task_type": split.task_type, "models": len(rows), "rows": rows[0]["rows"] if rows else 0,
+                            "device": str(device), "dtype": str(dtype), "torch_threads": torch.get_num_threads(),
+                            "summary": [{"name": r["name"], "role": r["role"], r["metric"]: r["value"]} for r in rows]})
     say(f"wrote {out / 'report.md'}, {out / 'metrics.parquet'}, {out / 'plot.png'} and {out / manifest.MANIFEST}")
     return {"out": str(out), "report": str(out / "report.md"), "metrics": str(out / "metrics.parquet"),
-            "plot": str(out / "plot.png"), "table": report.table(rows, task_type), "rows": len(rows)}
+            "plot": str(out / "plot.png"), "table": report.table(rows, split.task_type), "rows": len(rows)}
+
+
+def _split(cfg: EvalConfig, out: Path, students: list, notes: list[str]) -> Split:
+    cache_dir = Path(cfg.targets) if cfg.targets else None
+    if cache_dir is None and cfg.teacher:
+        cache_dir = _run_teacher(cfg, out, _task_type(cfg, students, None))
+    cache = _open_cache(cache_dir, cfg) if cache_dir else None
+    task_type = _task_type(cfg, students, cache and cache["stats"]["task_type"])
+    if cache:
+        stats = cache["stats"]
+        return Split(task_type, {int(k): str(v) for k, v in (stats.get("id2label") or {}).items()},
+                     float(stats["temperature"]), cfg.max_length or cache["config"].get("max_length") or 512,
+                     min(stats["total_rows"], cfg.limit or stats["total_rows"]), cache, cache_dir, limit=cfg.limit)
+    if not cfg.data:
+        raise KDError("say what to evaluate on: --data (with --split), or --targets CACHE")
+    dataset = load_split(cfg.data, cfg.split, cfg.limit)
+    cols = Columns.resolve(dataset.column_names, task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    if tasks.get(task_type).classification and cols.label is None:
+        raise KDError(f"--data {cfg.data!r} has no label column for {task_type}; name it with --label-column")
+    notes.append("No teacher: neither --targets nor --teacher was given, so there is no reference row.")
+    return Split(task_type, _labels(students[0].config), None, cfg.max_length or 512, len(dataset),
+                 dataset=dataset, cols=cols, limit=cfg.limit)
+
+
+def _score_teacher(cfg: EvalConfig, split: Split, name: str, path: str, notes: list[str], device, dtype) -> dict:
+    tally = scoring.Tally(split.task_type, split.id2label, from_cache=True)
+    for window in _windows(split.rows(), CHUNK_ROWS):
+        tally.add_cached_teacher(window, split.temperature)
+    cost, tdir = {}, _teacher_dir(cfg, split.cache, split.cache_dir, notes)
+    if tdir is not None:
+        model = load_model(str(tdir), split.task_type, dtype=dtype, device=device)
+        sample = [r["input_ids"] for r in itertools.islice(split.rows(), cfg.timing_examples)]
+        cost = _cost(model, tdir, sample, pad_id(load_tokenizer(str(split.cache_dir / "tokenizer"))), cfg, device)
+    row = report.metrics_row(name, path, "teacher", "cache", split.task_type, tally.result(), cost)
+    notes += report.teacher_notes(split.cache["stats"], row)
+    return row
+
+
+def _score_student(cfg: EvalConfig, split: Split, c: Candidate, device, dtype) -> dict:
+    """Stream the rows through the student in length-sorted batches, then time it on the first rows it read."""
+    model = load_model(str(c.path), split.task_type, dtype=dtype, device=device)
+    max_length = _max_len(c, split.max_length)
+    source = split.rows() if c.view != "own" else _split_rows(split.dataset, Encoder(
+        c.tokenizer, split.task_type, split.cols, max_length, {v: k for k, v in _labels(c.config).items()},
+        c.config.num_labels, cfg.mask_seed, cfg.mask_prob, cfg.id_column))
+    tally, sample = scoring.Tally(split.task_type, split.id2label), []
+    progress = Progress(split.total, f"eval {c.name}", enabled=cfg.progress)
+    for window in _windows(source, cfg.batch_size * 8):
+        if c.view == "retokenize":
+            window = _retokenize(window, c.tokenizer, max_length)
+        sample += [r["input_ids"] for r in window[:cfg.timing_examples - len(sample)]]
+        window = sorted(window, key=lambda r: len(r["input_ids"]))
+        for b in range(0, len(window), cfg.batch_size):
+            batch = window[b:b + cfg.batch_size]
+            tally.add_model(batch, _forward(model, batch, c, device), split.temperature)
+        progress.update(len(window))
+    progress.close()
+    return report.metrics_row(c.name, str(c.path), "student", "model", split.task_type, tally.result(),
+                              _cost(model, c.path, sample, pad_id(c.tokenizer), cfg, device))
+
+
+def _header(cfg: EvalConfig, split: Split, names: list[str], rows: list[dict], device, dtype) -> list[str]:
+    cache = split.cache
+    return [f"{split.total} rows of split `{cfg.split}`, {rows[0]['positions']} target positions.",
+            f"Teacher `{names[-1]}` is scored from its targets cache `{split.cache_dir}` (key `{cache['key'][:12]}`, "
+            f"top-{cache['stats']['top_k']}, T = {split.temperature:g}); students are compared with it at T = 1."
+            if cache else f"Evaluated on `{cfg.data}`.",
+            f"Costs on {device} ({torch.get_num_threads()} threads, {str(dtype).replace('torch.', '')}): examples/s at batch "
+            f"{cfg.batch_size} and p50 latency at batch 1, over the first {min(split.total, cfg.timing_examples)} rows each "
+            f"model reads."]
 
 
 def _run_teacher(cfg: EvalConfig, out: Path, task_type: str) -> Path:
@@ -204,8 +221,11 @@ def _forward(model, rows: list[dict], c: Candidate, device) -> torch.Tensor:
     """The model's logits at every target position of the batch, [P, outputs] float32 on the CPU."""
     width, limit = max(len(r["input_ids"]) for r in rows), getattr(c.config, "max_position_embeddings", None)
     if limit and width > limit:
-        raise KDError(f"{c.path} takes at most {limit} tokens but a row has {width}; evaluate with --max-length {limit} (or a cache built with it)")
+        raise KDError(f"{c.path} takes at most {limit} tokens but a row has {width}; evaluate with --max-length {limit} (or a cache "
+                      f"built with it)")
     logits = model(**costs.model_inputs([r["input_ids"] for r in rows], pad_id(c.tokenizer), device)).logits
+    if c.vocab_limit is not None:  # a padded vocabulary: the padding ids are impossible (pipeline.fit)
+        logits = logits[..., :c.vocab_limit]
     b = torch.tensor([i for i, r in enumerate(rows) for _ in r["positions"]], dtype=torch.long, device=logits.device)
     if logits.dim() == 2:  # sequence classification: one output per row
         return logits[b].float().cpu()
@@ -253,22 +273,13 @@ def _windows(it, size: int):
         yield window
 
 
-def _retokenise(window: list[dict], tokenizer, max_length: int) -> list[dict]:
+def _retokenize(window: list[dict], tokenizer, max_length: int) -> list[dict]:
     pairs = [r["text_pair"] for r in window] if window[0].get("text_pair") is not None else None
     enc = tokenizer([r["text"] for r in window], pairs, truncation=True, max_length=max_length)["input_ids"]
     return [{**r, "input_ids": list(ids), "positions": [0]} for r, ids in zip(window, enc)]
 
 
 # --- checks ----------------------------------------------------------------------------------
-
-def _check_out(out: Path) -> None:
-    """Never write into another stage's output (an old evaluation is replaced, manifest first)."""
-    if (out / manifest.PLAN).exists():
-        raise KDError(f"--out {out} holds the output of another kd stage (it has {manifest.PLAN}); choose another --out")
-    if (out / manifest.MANIFEST).exists() and (kind := io.read_json(out / manifest.MANIFEST).get("kind")) != "evaluation":
-        raise KDError(f"--out {out} holds a {kind!r} output; choose another --out for the evaluation")
-    out.mkdir(parents=True, exist_ok=True)
-
 
 def _candidate(path: str) -> Candidate:
     from transformers import AutoConfig
@@ -302,16 +313,13 @@ def _names(paths: list) -> list[str]:
 def _declared_task(c: Candidate) -> str | None:
     if c.manifest and (c.manifest.get("config") or {}).get("task_type"):
         return c.manifest["config"]["task_type"]
-    for arch in getattr(c.config, "architectures", None) or []:
-        for suffix, task in ARCH_TASKS.items():
-            if arch.endswith(suffix):
-                return task
-    return None
+    return tasks.of_architecture(c.config)
 
 
 def _task_type(cfg: EvalConfig, students: list[Candidate], cached: str | None) -> str:
     if cached and cfg.task_type and cfg.task_type != cached:
-        raise KDError(f"--task-type {cfg.task_type} but the cache {cfg.targets} holds {cached} targets; drop --task-type or use a {cfg.task_type} cache")
+        raise KDError(f"--task-type {cfg.task_type} but the cache {cfg.targets} holds {cached} targets; drop --task-type or use a "
+                      f"{cfg.task_type} cache")
     want = cached or cfg.task_type
     for c in students:
         t = _declared_task(c)
@@ -327,41 +335,11 @@ def _labels(config) -> dict[int, str]:
     return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
 
 
-def _check_labels(c: Candidate, task_type: str, want: dict[int, str], where: str) -> None:
-    if not task_type.endswith("classification"):
-        return
-    got = _labels(c.config)
-    if got != want:
-        show = lambda d: "[" + ", ".join(d[i] for i in sorted(d)[:8]) + (", …" if len(d) > 8 else "") + f"] ({len(d)})"  # noqa: E731
-        raise KDError(f"label set mismatch: {c.path} predicts {show(got)} but {where} has {show(want)}; "
-                      f"evaluate against targets with the same labels, in the same order")
-
-
-def _fit(c: Candidate, task_type: str, cache: dict, cache_dir: Path, id2label: dict) -> str:
-    """How a student reads the cache's rows, or a refusal naming what does not fit."""
-    _check_labels(c, task_type, id2label, f"the cache {cache_dir}")
-    want = cache["fingerprints"]["tokenizer"]
-    mine = tokenizer_fingerprint(c.tokenizer) if c.tokenizer is not None else None
-    if task_type == "sequence-classification" and mine is not None:
-        return "stored" if mine["sha256"] == want["sha256"] else "retokenise"
-    if mine is None and getattr(c.config, "vocab_size", None) != want["vocab_size"]:
-        raise KDError(f"{c.path} has no tokenizer and a vocabulary of {getattr(c.config, 'vocab_size', '?')}, "
-                      f"not the cache's {want['vocab_size']}; save the student's tokenizer with it")
-    if mine is not None and mine["vocab_sha256"] != want["vocab_sha256"]:
-        raise KDError(f"vocabulary mismatch: {c.path} has a {mine['vocab_size']}-token vocabulary (sha {mine['vocab_sha256'][:12]}) "
-                      f"but the cache {cache_dir} was made with {want['vocab_size']} tokens (sha {want['vocab_sha256'][:12]}); "
-                      f"{task_type} is scored on the cache's input_ids, so the student needs the teacher's tokenizer")
-    outputs = int(cache["stats"]["outputs"])
-    if not task_type.endswith("classification") and getattr(c.config, "vocab_size", outputs) < outputs:
-        raise KDError(f"vocabulary mismatch: {c.path} predicts {c.config.vocab_size} tokens but the cache's teacher {outputs}; "
-                      f"the student needs the teacher's vocabulary")
-    return "stored"
-
-
 def _fit_own(c: Candidate, task_type: str, id2label: dict) -> str:
     if c.tokenizer is None:
         raise KDError(f"{c.path} has no tokenizer files; save its tokenizer with it (or evaluate against a --targets cache)")
-    _check_labels(c, task_type, id2label, "the first --model")
+    if tasks.get(task_type).classification:
+        check_labels(c.config, [id2label[i] for i in sorted(id2label)], task_type, str(c.path), "the first --model")
     return "own"
 
 
@@ -379,7 +357,8 @@ def _open_cache(cache_dir: Path, cfg: EvalConfig) -> dict:
     for f in m["files"]:
         fmt.check_shard(cache_dir / f["path"], stats["task_type"], stats["value_dtype"], pair, m["key"])
     if cfg.split != conf["split"]:
-        raise KDError(f"--split {cfg.split} but the cache {cache_dir} holds split {conf['split']!r}; pass --split {conf['split']} or the cache of split {cfg.split}")
+        raise KDError(f"--split {cfg.split} but the cache {cache_dir} holds split {conf['split']!r}; pass --split {conf['split']} or the "
+                      f"cache of split {cfg.split}")
     if cfg.data:
         files, theirs = local_data_files(cfg.data), m["fingerprints"]["dataset"].get("source", {}).get("files")
         same = ({p.name: io.sha256_file(p) for p in files} == theirs) if files is not None and theirs is not None \
@@ -415,31 +394,21 @@ def _max_len(c: Candidate, max_length: int) -> int:
     return min(max_length, getattr(c.config, "max_position_embeddings", None) or max_length)
 
 
-def _eval_key(cfg, students, cache, dataset, cols) -> tuple[str, dict]:
+def _eval_key(cfg, students, split: Split) -> tuple[str, dict]:
     """The key of everything that decides the results: settings, model weights, rows."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "out")}
+    config = result_settings(cfg)
     fps = {"models": {str(c.path): model_fingerprint(c.path) for c in students}}
+    cache = split.cache
     if cache:
         fps.update(teacher=cache["fingerprints"]["teacher"], dataset=cache["fingerprints"]["dataset"])
     else:
-        fps["dataset"] = dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols), len(dataset), cfg.limit,
-                                             getattr(dataset, "_fingerprint", None))
+        fps["dataset"] = dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(split.cols), len(split.dataset),
+                                             cfg.limit, getattr(split.dataset, "_fingerprint", None))
     key = io.sha256_bytes(io.canonical_json({"config": config, "fingerprints": fps,
                                              "targets": cache and cache["key"]}).encode())
     return key, fps
 
 
-def _write_manifest(out, cfg, key, fps, task_type, students, cache, cache_dir, rows, device, dtype) -> None:
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
-    upstream = ([{"kind": "targets", "path": str(cache_dir), "key": cache["key"]}] if cache else []) \
+def _upstream(split: Split, students: list[Candidate]) -> list[dict]:
+    return ([{"kind": "targets", "path": str(split.cache_dir), "key": split.cache["key"]}] if split.cache else []) \
         + [{"kind": "student", "path": str(c.path), "key": c.manifest.get("key")} for c in students if c.manifest]
-    files = [{"path": n, "rows": len(rows) if n == "metrics.parquet" else None, "bytes": (out / n).stat().st_size,
-              "sha256": io.sha256_file(out / n)} for n in OUTPUTS]
-    io.write_json(out / manifest.MANIFEST, {
-        "kind": "evaluation", "format_version": fmt.FORMAT_VERSION, "key": key, "created_at": manifest.now(),
-        "package": {"name": "kd-pipeline", "version": __version__}, "config": config, "fingerprints": fps,
-        "upstream": upstream, "num_tasks": 1, "files": files,
-        "stats": {"task_type": task_type, "models": len(rows), "rows": rows[0]["rows"] if rows else 0,
-                  "device": str(device), "dtype": str(dtype), "torch_threads": torch.get_num_threads(),
-                  "summary": [{"name": r["name"], "role": r["role"], r["metric"]: r["value"]} for r in rows]},
-    })

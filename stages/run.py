@@ -46,7 +46,7 @@ def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, p
             result = fn(cfg) or {}
         except KDError as exc:
             raise KDError(f"{title} failed: {exc}") from None
-        was_reused = bool(result.get("cache_hit") or result.get("cached") or result.get("reused"))
+        was_reused = bool(result.get("reused"))
         (reused if was_reused else ran).append(title)
         results[title] = result
         say(f"[{i}/{len(steps)}] {title}: {'reused, no work' if was_reused else f'done in {time.monotonic() - t0:.1f}s'}")

@@ -19,111 +19,108 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline import format as fmt
-from pipeline import io, jobarray, manifest
-from pipeline.data import Columns, Encoder, load_split, pad_batch, pad_id, token_budget_batches
+from pipeline import io, jobarray, manifest, tasks
+from pipeline.config import TeacherConfig, recorded
+from pipeline.data import Encoder
 from pipeline.errors import KDError
-from pipeline.fingerprint import cache_key, dataset_fingerprint, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
-from pipeline.models import load_model, load_tokenizer, pick_device, pick_dtype
+from pipeline.inputs import Inputs, resolve_inputs
+from pipeline.models import load_model, pick_device, pick_dtype
+from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
-from pipeline.softtargets import Extractor, check_finite, to_value_dtype
+from pipeline.softtargets import Extractor, collect, launch, to_value_dtype
 
-
-@dataclasses.dataclass
-class TeacherConfig:
-    model: str
-    data: str
-    task_type: str
-    out: str | None = None
-    split: str = "train"
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    id_column: str | None = None
-    max_length: int = 512
-    top_k: int = 32
-    temperature: float = 1.0
-    dtype: str = "auto"
-    value_dtype: str = "float16"
-    batch_tokens: int = 16384
-    shard_rows: int | None = None
-    mask_seed: int = 0
-    mask_prob: float = 0.15
-    task_index: int | None = None
-    num_tasks: int | None = None
-    cache_root: str | None = None
-    limit: int | None = None
-    device: str = "auto"
-    progress: bool = True
+__all__ = ["TeacherConfig", "resolve_inputs", "run"]
+# Where a task's time goes (summed over shards; the manifest sums them over tasks): tokenising,
+# launching the teacher, waiting for its results on the host (writer thread), writing Parquet, and
+# `compute_seconds`, the union over shards of [launch, results on the host] -- the teacher's share
+# of the wall time. `loop_seconds` is all of it; bench/bench_teacher.py reads these.
+TIMINGS = ("encode_seconds", "teacher_seconds", "collect_seconds", "write_seconds", "compute_seconds", "loop_seconds")
 
 
 def run(cfg: TeacherConfig) -> dict:
     t_start = time.monotonic()
-    if cfg.task_type not in fmt.TASK_TYPES:
-        raise KDError(f"unknown --task-type {cfg.task_type!r}: use one of {', '.join(fmt.TASK_TYPES)}")
+    _check(cfg)
+    task_index, num_tasks = jobarray.resolve_task(cfg.task_index, cfg.num_tasks)
+
+    # 1. Inputs, their fingerprints and the cache key (no teacher forward, no weights loaded).
+    inp = resolve_inputs(cfg)
+
+    # 2. Where the cache lives; a complete cache with this key means no teacher work at all.
+    out = Path(cfg.cache_root) / inp.key if cfg.cache_root else Path(cfg.out)
+    if cfg.cache_root and cfg.out:
+        io.replace_symlink(cfg.out, out)
+    output = StageOutput(out, "targets", inp.key, num_tasks)
+    if output.existing() is not None:
+        say(f"cache hit: {out} already holds these targets (key {inp.key[:12]}); no teacher work")
+        return {"out": str(out), "key": inp.key, "reused": True}
+    plan = _plan(cfg, inp)
+    if (out / manifest.PLAN).exists() and task_index in manifest.done_tasks(out):
+        output.claim(plan)  # refuses a directory of another cache
+        say(f"task {task_index}/{num_tasks} is already complete in {out}; nothing to do")
+        return _finish(output, task_index)
+
+    # 3. The teacher, then the claim: nothing is written before the weights have loaded.
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    model = load_model(str(inp.model_dir), cfg.task_type, dtype=dtype, device=device)  # refuses a headless teacher
+    output.claim(plan)
+    _save_tokenizer(inp.tokenizer, out / "tokenizer")
+    _clean_own_temporaries(out, task_index)
+
+    # 4. This task's rows, shard by shard; its completion record last.
+    start, stop = jobarray.row_range(task_index, num_tasks, len(inp.dataset))
+    t_loop = time.monotonic()
+    records, stats = _extract(cfg, inp, model, device, out, task_index, num_tasks, (start, stop))
+    stats["loop_seconds"] = round(time.monotonic() - t_loop, 3)  # tokenise + teacher + write: what bench_teacher times
+    output.task_done(task_index, {
+        "row_range": [start, stop], "files": [{**r, "path": f"shards/{r['path']}"} for r in records],
+        "stats": stats, "wall_seconds": round(time.monotonic() - t_start, 3), "device": str(device), "dtype": str(dtype),
+    })
+    say(f"task {task_index}/{num_tasks}: rows {start}..{stop} -> {len(records)} shard(s), "
+        f"{stats['positions']} positions, {stats['bytes']} bytes")
+    return _finish(output, task_index)
+
+
+def _check(cfg: TeacherConfig) -> None:
+    tasks.get(cfg.task_type)
     if cfg.temperature <= 0:
         raise KDError(f"--temperature must be positive, got {cfg.temperature}")
     if cfg.top_k < 1:
         raise KDError(f"--top-k must be at least 1, got {cfg.top_k}")
     if not cfg.out and not cfg.cache_root:
         raise KDError("say where the cache goes: --out DIR or --cache-root DIR")
-    task_index, num_tasks = jobarray.resolve_task(cfg.task_index, cfg.num_tasks)
 
-    # 1. Inputs, their fingerprints and the cache key (no teacher forward, no weights loaded).
-    inp = resolve_inputs(cfg)
-    model_dir, tokenizer, mconfig, dataset, cols = inp.model_dir, inp.tokenizer, inp.mconfig, inp.dataset, inp.cols
-    id_column, top_k, outputs, fps, key = inp.id_column, inp.top_k, inp.outputs, inp.fingerprints, inp.key
 
-    # 2. Where the cache lives; a complete cache with this key means no teacher work at all.
-    out = Path(cfg.cache_root) / key if cfg.cache_root else Path(cfg.out)
-    if cfg.cache_root and cfg.out:
-        io.replace_symlink(cfg.out, out)
-    if (out / manifest.MANIFEST).exists():
-        m = manifest.read_manifest(out)
-        if m.get("key") != key:
-            raise KDError(f"--out {out} holds a different cache (key {m.get('key', '?')[:12]}, this run's key {key[:12]}); "
-                          f"choose another --out or use --cache-root")
-        gone = [f["path"] for f in m["files"] if not (out / f["path"]).exists()]
-        if gone:
-            raise KDError(f"cache {out} is damaged ({gone[0]} is missing); run `kd verify {out}` and rebuild it")
-        say(f"cache hit: {out} already holds these targets (key {key[:12]}); no teacher work")
-        return {"out": str(out), "key": key, "cache_hit": True}
+def _plan(cfg: TeacherConfig, inp: Inputs) -> dict:
+    """What plan.json (and then the manifest) records: settings, fingerprints, fixed statistics."""
+    task = tasks.get(cfg.task_type)
+    config = {**recorded(cfg)}
+    config.update(top_k=inp.top_k, columns=dataclasses.asdict(inp.cols), id_column=inp.id_column)
+    id2label = {str(k): v for k, v in (inp.mconfig.id2label or {}).items()} if task.classification else None
+    return {"config": config, "fingerprints": inp.fingerprints,
+            "stats": {"total_rows": len(inp.dataset), "top_k": inp.top_k, "outputs": inp.outputs,
+                      "temperature": cfg.temperature, "task_type": cfg.task_type, "value_dtype": cfg.value_dtype,
+                      "id2label": id2label, **({"vocab_limit": inp.vocab_limit} if inp.vocab_limit else {})}}
 
-    rows = len(dataset)
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)}
-    config.update(top_k=top_k, columns=dataclasses.asdict(cols), id_column=id_column)
-    plan = {
-        "kind": "targets", "key": key, "format_version": fmt.FORMAT_VERSION, "num_tasks": num_tasks,
-        "created_at": manifest.now(), "config": config, "fingerprints": fps,
-        "stats": {"total_rows": rows, "top_k": top_k, "outputs": outputs, "temperature": cfg.temperature,
-                  "task_type": cfg.task_type, "value_dtype": cfg.value_dtype,
-                  "id2label": {str(k): v for k, v in (mconfig.id2label or {}).items()}
-                  if cfg.task_type.endswith("classification") else None},
-    }
-    if (out / manifest.PLAN).exists() and task_index in manifest.done_tasks(out):
-        manifest.write_plan(out, plan)  # refuses a directory of another cache
-        say(f"task {task_index}/{num_tasks} is already complete in {out}; nothing to do")
-        return _maybe_finalize(out, key, task_index)
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    model = load_model(str(model_dir), cfg.task_type, dtype=dtype, device=device)  # refuses a headless teacher
-    manifest.write_plan(out, plan)
-    _save_tokenizer(tokenizer, out / "tokenizer")
-    _clean_own_temporaries(out, task_index)
 
-    # 3. This task's rows, shard by shard.
-    start, stop = jobarray.row_range(task_index, num_tasks, rows)
-    shard_rows = cfg.shard_rows or (50_000 if cfg.task_type == "sequence-classification" else max(1, 1_000_000 // cfg.max_length))
-    label2id = {str(k): int(v) for k, v in (mconfig.label2id or {}).items()}
-    encoder = Encoder(tokenizer, cfg.task_type, cols, cfg.max_length, label2id, mconfig.num_labels,
-                      cfg.mask_seed, cfg.mask_prob, id_column)
-    extractor = Extractor(model, cfg.task_type, top_k, cfg.temperature)
-    meta = {"cache_key": key, "task_type": cfg.task_type, "top_k": top_k, "temperature": cfg.temperature,
+def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_index: int, num_tasks: int,
+             rows: tuple[int, int]) -> tuple[list[dict], dict]:
+    """Tokenise, run and write this task's rows shard by shard; a writer thread writes shard j
+    while the teacher computes shard j + 1. Shards of an interrupted run are kept."""
+    start, stop = rows
+    task = tasks.get(cfg.task_type)
+    shard_rows = cfg.shard_rows or task.default_shard_rows(cfg.max_length)
+    label2id = {str(k): int(v) for k, v in (inp.mconfig.label2id or {}).items()}
+    encoder = Encoder(inp.tokenizer, cfg.task_type, inp.cols, cfg.max_length, label2id, inp.mconfig.num_labels,
+                      cfg.mask_seed, cfg.mask_prob, inp.id_column)
+    extractor = Extractor(model, cfg.task_type, inp.top_k, cfg.temperature, vocab_limit=inp.vocab_limit,
+                          profile=cfg.profile)
+    meta = {"cache_key": inp.key, "task_type": cfg.task_type, "top_k": inp.top_k, "temperature": cfg.temperature,
             "value_dtype": cfg.value_dtype}
-    schema = fmt.schema(cfg.task_type, cfg.value_dtype, text_pair=cols.text_pair is not None)
-    records, stats = [], {"rows": 0, "positions": 0, "bytes": 0, "truncated_rows": 0, "teacher_seconds": 0.0}
+    schema = fmt.schema(cfg.task_type, cfg.value_dtype, text_pair=inp.cols.text_pair is not None)
+    records, stats = [], {"rows": 0, "positions": 0, "bytes": 0, "truncated_rows": 0, **{t: 0.0 for t in TIMINGS}}
     progress = Progress(stop - start, f"teacher task {task_index}/{num_tasks}", enabled=cfg.progress)
     writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
     pending: list[cf.Future] = []
@@ -131,16 +128,18 @@ def run(cfg: TeacherConfig) -> dict:
         for j, s0 in enumerate(range(start, stop, shard_rows)):
             s1 = min(stop, s0 + shard_rows)
             path = out / "shards" / f"{task_index:05d}-{j:05d}.parquet"
-            if _complete_shard(path, key, s0, s1):  # written by an earlier, interrupted run
+            if _complete_shard(path, inp.key, s0, s1):  # written by an earlier, interrupted run
                 records.append(_record_of(path))
                 progress.update(s1 - s0)
                 continue
-            examples = encoder.encode(dataset[s0:s1], s0)
             t0 = time.monotonic()
-            launched = _run_teacher(extractor, examples, tokenizer, cfg.batch_tokens, device)
-            stats["teacher_seconds"] += time.monotonic() - t0
+            examples = encoder.encode(inp.dataset[s0:s1], s0)
+            t1 = time.monotonic()
+            launched = launch(extractor, examples, inp.tokenizer, cfg.batch_tokens, device)
+            stats["encode_seconds"] += t1 - t0
+            stats["teacher_seconds"] += time.monotonic() - t1
             pending.append(writer.submit(_write, path, examples, launched, schema, cfg.value_dtype,
-                                         {**meta, "rows": f"{s0}-{s1}"}))
+                                         {**meta, "rows": f"{s0}-{s1}"}, t1))
             while len(pending) > 1:  # bounded: at most one shard waits while the next one computes
                 records.append(pending.pop(0).result())
             progress.update(s1 - s0)
@@ -148,101 +147,16 @@ def run(cfg: TeacherConfig) -> dict:
     finally:
         writer.shutdown(wait=True)
         progress.close()
+    spans = []
     for r in records:
         stats["truncated_rows"] += r.pop("truncated")
-        for k in ("rows", "positions", "bytes"):
-            stats[k] += r[k]
-    manifest.write_task_record(out, task_index, {
-        "key": key, "row_range": [start, stop], "files": [{**r, "path": f"shards/{r['path']}"} for r in records],
-        "stats": stats, "wall_seconds": round(time.monotonic() - t_start, 3), "device": str(device), "dtype": str(dtype),
-    })
-    say(f"task {task_index}/{num_tasks}: rows {start}..{stop} -> {len(records)} shard(s), "
-        f"{stats['positions']} positions, {stats['bytes']} bytes")
-    return _maybe_finalize(out, key, task_index)
-
-
-@dataclasses.dataclass
-class Inputs:
-    """Everything stage 1 knows before loading the teacher's weights."""
-
-    model_dir: Path
-    tokenizer: object
-    mconfig: object
-    dataset: object
-    cols: Columns
-    id_column: str | None
-    top_k: int
-    outputs: int
-    fingerprints: dict
-    key: str
-
-
-def resolve_inputs(cfg: TeacherConfig) -> Inputs:
-    """Resolve model, tokenizer and data, fingerprint them and derive the cache key."""
-    model_dir = resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(str(model_dir))
-    from transformers import AutoConfig
-
-    mconfig = AutoConfig.from_pretrained(model_dir)
-    dataset = load_split(cfg.data, cfg.split, cfg.limit)
-    cols = Columns.resolve(dataset.column_names, cfg.task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
-    if cfg.id_column and cfg.id_column not in dataset.column_names:
-        raise KDError(f"--id-column {cfg.id_column!r} is not a column of the data (columns: {', '.join(dataset.column_names)})")
-    id_column = cfg.id_column or ("id" if "id" in dataset.column_names else None)
-    classification = cfg.task_type.endswith("classification")
-    outputs = mconfig.num_labels if classification else mconfig.vocab_size
-    top_k = min(cfg.top_k, outputs) if classification else cfg.top_k  # exact over C classes
-    if top_k > outputs:
-        raise KDError(f"--top-k {top_k} is larger than the teacher's vocabulary ({outputs}); use --top-k {outputs} or less")
-    fps = {
-        "teacher": model_fingerprint(model_dir),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "dataset": dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols) | {"id": id_column},
-                                       len(dataset), cfg.limit, getattr(dataset, "_fingerprint", None)),
-    }
-    mask = {"seed": cfg.mask_seed, "prob": cfg.mask_prob} if cfg.task_type == "masked-lm" else None
-    key = cache_key(teacher=fps["teacher"], tokenizer=fps["tokenizer"], dataset=fps["dataset"],
-                    task_type=cfg.task_type, max_length=cfg.max_length, top_k=top_k,
-                    temperature=cfg.temperature, value_dtype=cfg.value_dtype, mask=mask,
-                    format_version=fmt.FORMAT_VERSION)
-    return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key)
-
-
-def _run_teacher(extractor, examples, tokenizer, batch_tokens, device):
-    """Launch the teacher on every batch of a shard, length-bucketed under the token budget.
-
-    Results come back as device-to-host copies still in flight plus an event: nothing here
-    waits for the GPU, so the writer thread (which synchronises on the event) overlaps the
-    copies and the Parquet writing with the next shard's forward passes."""
-    pad = pad_id(tokenizer)
-    launched = []
-    for batch in token_budget_batches([len(e.input_ids) for e in examples], batch_tokens):
-        ids, att = pad_batch([examples[i].input_ids for i in batch], pad)
-        res = extractor(ids.to(device, non_blocking=True), att.to(device, non_blocking=True),
-                        [examples[i].positions for i in batch])
-        launched.append((batch, *(t.to("cpu", non_blocking=True) for t in res)))
-    event = None
-    if device.type == "cuda":
-        event = torch.cuda.Event()
-        event.record()
-    return launched, event
-
-
-def _collect(examples, launched, event):
-    """Per example, in input order: (topk_ids [p,k] int32, z/T [p,k] float32, lse [p] float32)."""
-    if event is not None:
-        event.synchronize()
-    results = [None] * len(examples)
-    for batch, top_ids, top_vals, lse in launched:
-        top_ids, top_vals, lse = top_ids.numpy(), top_vals.float().numpy(), lse.float().numpy()
-        owners = [(i, p) for i in batch for p in examples[i].positions]
-        check_finite(lse, top_vals, lambda j: (examples[owners[j][0]].row, owners[j][1]))
-        offset = 0
-        for i in batch:
-            p = len(examples[i].positions)
-            results[i] = (top_ids[offset:offset + p], top_vals[offset:offset + p], lse[offset:offset + p])
-            offset += p
-    return results
+        spans.append(r.pop("span"))
+        for k in ("rows", "positions", "bytes", "collect_seconds", "write_seconds"):
+            stats[k] += r.pop(k) if k.endswith("_seconds") else r[k]
+    stats["compute_seconds"] = _union(spans)
+    if extractor.profile is not None:
+        stats.update(extractor.profile)
+    return records, {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
 
 
 def _nested(values: np.ndarray, row_counts: list[int], k: int, arrow_type) -> pa.Array:
@@ -252,8 +166,10 @@ def _nested(values: np.ndarray, row_counts: list[int], k: int, arrow_type) -> pa
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int32)), inner)
 
 
-def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, meta: dict) -> dict:
-    results = _collect(examples, *launched)
+def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, meta: dict, launched_at: float) -> dict:
+    t0 = time.monotonic()
+    results = collect(examples, *launched)
+    t1 = time.monotonic()
     counts = [len(e.positions) for e in examples]
     k = int(meta["top_k"])
     ids = np.concatenate([r[0] for r in results]).reshape(-1, k) if results else np.zeros((0, k), np.int32)
@@ -279,7 +195,18 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
     table = pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
     record = fmt.write_shard(path, table, meta)
     record["truncated"] = int(sum(e.truncated for e in examples))
+    record.update(collect_seconds=t1 - t0, write_seconds=time.monotonic() - t1, span=(launched_at, t1))
     return record
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of [start, end] intervals (shards' computations may overlap)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(s for s in spans if s is not None):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def _complete_shard(path: Path, key: str, s0: int, s1: int) -> bool:
@@ -300,7 +227,8 @@ def _record_of(path: Path) -> dict:
     return {"path": path.name, "rows": t.num_rows,
             "positions": int(pa.compute.sum(pa.compute.list_value_length(t["positions"])).as_py() or 0),
             "bytes": path.stat().st_size, "sha256": io.sha256_file(path),
-            "truncated": int(pa.compute.sum(t["truncated"].cast(pa.int64())).as_py() or 0)}
+            "truncated": int(pa.compute.sum(t["truncated"].cast(pa.int64())).as_py() or 0),
+            "collect_seconds": 0.0, "write_seconds": 0.0, "span": None}
 
 
 def _clean_own_temporaries(out: Path, task_index: int) -> None:
@@ -322,13 +250,11 @@ def _save_tokenizer(tokenizer, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _maybe_finalize(out: Path, key: str, task_index: int) -> dict:
-    st = manifest.status(out)
-    result = {"out": str(out), "key": key, "cache_hit": False, "task_index": task_index, "missing": st["missing"]}
-    if not st["missing"] and not st["complete"]:
-        manifest.finalize(out)
-        say(f"all {st['num_tasks']} task(s) done: wrote {out / manifest.MANIFEST}")
-    elif st["missing"]:
-        say(f"{len(st['missing'])} task(s) still missing in {out}; the last one to finish writes the manifest")
-    result["complete"] = (out / manifest.MANIFEST).exists()
-    return result
+def _finish(output: StageOutput, task_index: int) -> dict:
+    st = output.finish()
+    if st["complete"]:
+        say(f"all {st['num_tasks']} task(s) done: {output.out / manifest.MANIFEST} is written")
+    else:
+        say(f"{len(st['missing'])} task(s) still missing in {output.out}; the last one to finish writes the manifest")
+    return {"out": str(output.out), "key": output.key, "reused": False, "task_index": task_index,
+            "missing": st["missing"], "complete": st["complete"]}

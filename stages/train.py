@@ -17,68 +17,28 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from pipeline import __version__, checkpoint, io, manifest, sweep
-from pipeline import format as fmt
+from pipeline import checkpoint, io, manifest, sweep, tasks
+from pipeline.config import TrainConfig, recorded, result_settings
 from pipeline.data import Columns, Encoder, load_split, pad_id
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, tokenizer_fingerprint
+from pipeline.fit import Fit, cache_labels, fit
 from pipeline.loader import (Collate, ParquetSource, StreamingDataset, TableSource, encode_table, infer_labels,
                              merged_order, unskipped, verify_shards)
 from pipeline.losses import LOSSES
 from pipeline.models import load_tokenizer, pick_device, pick_dtype
+from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
-from pipeline.students import StudentForward, check_fit, load_student
+from pipeline.students import StudentForward, load_student
 from pipeline.training import (MetricsLog, Objective, close_distributed, debug_rows, evaluate, init_distributed,
                                train_step)
 
-# Settings that do not change the trained weights (so a rerun with them changed still resumes).
-OPERATIONAL = ("out", "save_every", "progress", "sweep", "task_index", "eval_targets")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    out: str | None = None
-    targets: str | None = None
-    data: str | None = None
-    split: str = "train"
-    task_type: str | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    labels: Any = None
-    max_length: int = 512
-    limit: int | None = None
-    student: str | None = None
-    student_from_teacher: str | None = None
-    student_layers: Any = None
-    alpha: float = 0.5
-    temperature: float | None = None
-    loss: str = "kl"
-    epochs: int = 3
-    max_steps: int | None = None
-    lr: float = 5e-5
-    batch_size: int = 32
-    grad_accum: int = 1
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"
-    save_every: int = 500
-    eval_targets: str | None = None
-    sweep: str | None = None
-    task_index: int | None = None
-    num_workers: int = 1
-    shuffle_buffer: int | None = None
-    device: str = "auto"
-    progress: bool = True
+__all__ = ["TrainConfig", "run"]
 
 
 def run(cfg: TrainConfig) -> dict | None:
@@ -95,6 +55,23 @@ def run(cfg: TrainConfig) -> dict | None:
     return result if d.rank == 0 else None
 
 
+@dataclasses.dataclass
+class Setup:
+    """What training reads and how: the student, the rows, the objective, and where they came from."""
+
+    task_type: str
+    student: object
+    tokenizer: object          # saved with the student: the cache's, or the student's own when it re-tokenises
+    fit: Fit
+    objective: Objective
+    source: object             # ParquetSource (a cache) or TableSource (a tokenised dataset)
+    collate: Collate
+    text_pair: bool
+    cache: dict | None         # the cache's manifest
+    upstream: list[dict]
+    inputs: dict               # what the key is computed over, besides the settings
+
+
 def _train(cfg: TrainConfig, d) -> dict:
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)  # a new head (or a student built from a config) starts the same everywhere
@@ -103,83 +80,131 @@ def _train(cfg: TrainConfig, d) -> dict:
         device = torch.device("cuda", d.local_rank)
     amp_dtype = pick_dtype(cfg.dtype, device)
 
-    # 1. The inputs: a verified targets cache, or a tokenised dataset (stage 0).
-    if cfg.targets:
-        cache = _open_cache(cfg.targets, d, cfg.task_type)
-        task_type, stats = cache["stats"]["task_type"], cache["stats"]
-        labels = [v for _, v in sorted((stats.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))] or None
-        student = load_student(task_type, student=cfg.student, from_teacher=cfg.student_from_teacher,
-                               layers=cfg.student_layers, labels=labels)
-        mode = check_fit(student, task_type, stats, cache["fingerprints"]["tokenizer"], cfg.student or cfg.student_from_teacher)
-        cache_tok = load_tokenizer(str(Path(cfg.targets) / "tokenizer"))
-        tokenizer = student.tokenizer if mode == "retokenize" else cache_tok
-        cache_t = float(stats["temperature"])
-        temperature = cache_t if cfg.temperature is None else float(cfg.temperature)
-        if not math.isclose(temperature, cache_t, rel_tol=1e-9) and d.rank == 0:
-            say(f"warning: training at T={temperature} but the cache holds T={cache_t}: the teacher's tail mass is "
-                f"only known at T={cache_t}, so the loss uses the renormalised top-{stats['top_k']} and is approximate")
-        obj = Objective(cfg.alpha, cfg.loss, cache_t, temperature, targets=True)
-        text_pair = bool((cache["config"].get("columns") or {}).get("text_pair"))
-        source = ParquetSource([Path(cfg.targets) / f["path"] for f in cache["files"]], task_type,
-                               stats["value_dtype"], text_pair, cache["key"])
-        collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if mode == "retokenize" else None,
-                          int(cache["config"].get("max_length", 512)))
-        upstream = [{"kind": "targets", "path": str(Path(cfg.targets).resolve()), "key": cache["key"]}]
-        inputs = {"targets": cache["key"]}
-    else:
-        task_type, text_pair, mode = cfg.task_type, bool(cfg.text_pair_column), "ids"
-        dataset = load_split(cfg.data, cfg.split, cfg.limit)
-        cols = Columns.resolve(dataset.column_names, task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
-        labels = infer_labels(dataset, cols.label, task_type, cfg.labels)
-        student = load_student(task_type, student=cfg.student, from_teacher=cfg.student_from_teacher,
-                               layers=cfg.student_layers, labels=labels, labels_are_ids=not cfg.labels)
-        labels = [student.model.config.id2label[i] for i in range(student.model.config.num_labels)] if labels else None
-        tokenizer = student.tokenizer
-        if tokenizer is None:
-            raise KDError(f"student {cfg.student or cfg.student_from_teacher} has no tokenizer; fine-tuning on --data needs one")
-        label2id = {n: i for i, n in enumerate(labels or [])}
-        encoder = Encoder(tokenizer, task_type, cols, cfg.max_length, label2id, len(labels or []), mask_seed=cfg.seed)
-        source = TableSource(encode_table(dataset, encoder))
-        collate = Collate(task_type, pad_id(tokenizer), False)
-        obj = Objective(0.0, cfg.loss, 1.0, 1.0, targets=False)
-        temperature, upstream, cache, stats = None, [], None, None
-        inputs = {"data": dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols), len(dataset), cfg.limit,
-                                              getattr(dataset, "_fingerprint", None))["sha256"]}
+    # 1. The inputs: a verified targets cache, or a tokenised dataset (stage 0); the student, checked against them.
+    setup = _from_cache(cfg, d) if cfg.targets else _from_data(cfg)
 
     # 2. The output directory, claimed under the key of everything that decides the weights.
     out = Path(cfg.out)
-    config = {**dataclasses.asdict(cfg), "task_type": task_type, "temperature": temperature,
-              "alpha": obj.alpha, "world_size": d.world_size}
-    key = io.sha256_bytes(io.canonical_json({"config": {k: v for k, v in config.items() if k not in OPERATIONAL},
-                                              "inputs": inputs, "init": student.init}).encode())
-    if (out / manifest.MANIFEST).exists():
-        done = manifest.read_manifest(out)
-        if done.get("key") == key:
-            say(f"{out} already holds this student (key {key[:12]}); nothing to do")
-            return {"out": str(out), "key": key, "complete": True, "cached": True}
-        raise KDError(f"{out} holds a different {done.get('kind')} ({done.get('key', '?')[:12]}); choose another --out")
-    manifest.write_plan(out, {"kind": "student", "key": key, "num_tasks": 1, "created_at": manifest.now(),
-                              "config": config, "upstream": upstream, "init": student.init})
+    settings = {**result_settings(cfg), "task_type": setup.task_type, "alpha": setup.objective.alpha,
+                "temperature": setup.objective.temperature if cfg.targets else None, "world_size": d.world_size}
+    key = io.sha256_bytes(io.canonical_json({"config": settings, "inputs": setup.inputs,
+                                             "init": setup.student.init}).encode())
+    config = {**recorded(cfg), **settings}
+    output = StageOutput(out, "student", key)
+    if output.existing() is not None:
+        say(f"{out} already holds this student (key {key[:12]}); nothing to do")
+        return {"out": str(out), "key": key, "complete": True, "reused": True}
+    output.claim({"config": config, "upstream": setup.upstream, "init": setup.student.init, "mode": setup.fit.mode,
+                  "fingerprints": {"tokenizer": tokenizer_fingerprint(setup.tokenizer)}})
     if d.rank == 0:
         checkpoint.clean(out)
     d.barrier()
 
     # 3. The streaming loader: this rank's disjoint share of the rows, reshuffled every epoch.
-    data = StreamingDataset(source, collate, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer,
-                            rank=d.rank, world_size=d.world_size, num_workers=cfg.num_workers, text_pair=text_pair)
+    data = StreamingDataset(setup.source, setup.collate, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer,
+                            rank=d.rank, world_size=d.world_size, num_workers=cfg.num_workers, text_pair=setup.text_pair)
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
         prefetch_factor=4 if cfg.num_workers > 0 else None)
-    eval_loader = _eval_loader(cfg, d, task_type, stats, cache, collate, mode) if cfg.eval_targets else None
+    eval_loader = _eval_loader(cfg, d, setup) if cfg.eval_targets else None
 
     # 4. Model, optimizer, schedule; then the newest checkpoint, if any, replaces all of them.
-    model = StudentForward(student.model, task_type).to(device)
+    model = StudentForward(setup.student.model, setup.task_type, setup.fit.vocab_limit).to(device)
     model.train()
-    steps_per_epoch = [math.ceil(max(data.rank_batches(e)) / cfg.grad_accum) for e in range(cfg.epochs)]
-    total = cfg.max_steps or sum(steps_per_epoch)
+    total = cfg.max_steps or sum(math.ceil(max(data.rank_batches(e)) / cfg.grad_accum) for e in range(cfg.epochs))
     if total < 1:
         raise KDError("nothing to train: the data holds no rows (or --epochs/--max-steps is 0)")
+    optimizer, scheduler, scaler = _optimizer(cfg, model, total, device, amp_dtype)
+    state = _resume(out, d, model, optimizer, scheduler, scaler)
+    train_model = model
+    if d.on:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else contextlib.nullcontext
+    log = MetricsLog(out / "metrics.jsonl", d.rank == 0, state["step"])
+    if eval_loader is not None and state["step"] == 0:
+        log.write({"event": "eval", "step": 0, **evaluate(model, eval_loader, setup.objective, d, device, autocast)})
+
+    # 5. Train.
+    first_step = state["step"]
+    t_train = time.monotonic()
+    seen_positions = _loop(cfg, d, data, loader, train_model, model, optimizer, scheduler, scaler, setup, state, total,
+                           log, key, device, autocast, out)
+    train_seconds = time.monotonic() - t_train
+    final_eval = evaluate(model, eval_loader, setup.objective, d, device, autocast) if eval_loader is not None else None
+    if final_eval:
+        log.write({"event": "eval", "step": state["step"], **final_eval})
+    log.close()
+    del loader  # shuts down persistent workers
+
+    # 6. The student, its tokenizer and the manifest (written last: it marks the output complete).
+    step = state["step"]
+    if d.rank == 0:
+        stats = _summary(out / "metrics.jsonl")
+        stats.update(steps=step, epochs_completed=state["epoch"], world_size=d.world_size, device=str(device),
+                     dtype=str(amp_dtype), wall_seconds=round(time.monotonic() - t_start, 3),
+                     train_seconds=round(train_seconds, 3), resumed_from_step=first_step or None,
+                     positions_per_second=round(seen_positions / max(train_seconds, 1e-9), 1),
+                     steps_per_second=round((step - first_step) / max(train_seconds, 1e-9), 3))
+        _save_student(output, setup, stats)
+        say(f"student written to {out}: {step} steps, final loss {stats['final'].get('loss')}")
+    d.barrier()
+    return {"out": str(out), "key": key, "complete": True, "reused": False, "steps": step,
+            "final": _summary(out / "metrics.jsonl")["final"] if d.rank == 0 else None,
+            "eval": final_eval, "wall_seconds": round(time.monotonic() - t_start, 3)}
+
+
+def _from_cache(cfg: TrainConfig, d) -> Setup:
+    """Distillation: the cache (complete, checksums verified), a student that fits it, the KD objective."""
+    cache = _open_cache(cfg.targets, d, cfg.task_type)
+    stats = cache["stats"]
+    task_type = stats["task_type"]
+    labels = cache_labels(stats) if tasks.get(task_type).classification and stats.get("id2label") else None
+    student = load_student(task_type, student=cfg.student, from_teacher=cfg.student_from_teacher,
+                           layers=cfg.student_layers, labels=labels)
+    where = f"student {cfg.student or cfg.student_from_teacher}"
+    how = fit(task_type, student.model.config, student.tokenizer, cache, where, f"the cache {cfg.targets}")
+    cache_tok = load_tokenizer(str(Path(cfg.targets) / "tokenizer"))
+    retokenize = how.mode == "retokenize"
+    cache_t = float(stats["temperature"])
+    temperature = cache_t if cfg.temperature is None else float(cfg.temperature)
+    if not math.isclose(temperature, cache_t, rel_tol=1e-9) and d.rank == 0:
+        say(f"warning: training at T={temperature} but the cache holds T={cache_t}: the teacher's tail mass is "
+            f"only known at T={cache_t}, so the loss uses the renormalised top-{stats['top_k']} and is approximate")
+    text_pair = bool((cache["config"].get("columns") or {}).get("text_pair"))
+    source = ParquetSource([Path(cfg.targets) / f["path"] for f in cache["files"]], task_type,
+                           stats["value_dtype"], text_pair, cache["key"])
+    collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if retokenize else None,
+                      int(cache["config"].get("max_length", 512)))
+    return Setup(task_type, student, student.tokenizer if retokenize else cache_tok, how,
+                 Objective(cfg.alpha, cfg.loss, cache_t, temperature, targets=True), source, collate, text_pair, cache,
+                 [{"kind": "targets", "path": str(Path(cfg.targets).resolve()), "key": cache["key"]}],
+                 {"targets": cache["key"]})
+
+
+def _from_data(cfg: TrainConfig) -> Setup:
+    """Stage 0, plain fine-tuning: the dataset tokenised by the student's own tokenizer, cross-entropy only."""
+    task_type = cfg.task_type
+    dataset = load_split(cfg.data, cfg.split, cfg.limit)
+    cols = Columns.resolve(dataset.column_names, task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    labels = infer_labels(dataset, cols.label, task_type, cfg.labels)
+    student = load_student(task_type, student=cfg.student, from_teacher=cfg.student_from_teacher,
+                           layers=cfg.student_layers, labels=labels, labels_are_ids=not cfg.labels)
+    labels = [student.model.config.id2label[i] for i in range(student.model.config.num_labels)] if labels else None
+    tokenizer = student.tokenizer
+    if tokenizer is None:
+        raise KDError(f"student {cfg.student or cfg.student_from_teacher} has no tokenizer; fine-tuning on --data needs one")
+    label2id = {n: i for i, n in enumerate(labels or [])}
+    encoder = Encoder(tokenizer, task_type, cols, cfg.max_length, label2id, len(labels or []), mask_seed=cfg.seed)
+    fp = dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols), len(dataset), cfg.limit,
+                             getattr(dataset, "_fingerprint", None))
+    return Setup(task_type, student, tokenizer, Fit("ids"), Objective(0.0, cfg.loss, 1.0, 1.0, targets=False),
+                 TableSource(encode_table(dataset, encoder)), Collate(task_type, pad_id(tokenizer), False),
+                 bool(cfg.text_pair_column), None, [], {"data": fp["sha256"]})
+
+
+def _optimizer(cfg: TrainConfig, model, total: int, device, amp_dtype):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -189,103 +214,84 @@ def _train(cfg: TrainConfig, d) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    step, epoch, cursor, rows_in_epoch = 0, 0, 0, 0
-    latest = checkpoint.latest(out)
-    if latest is not None:
-        ck = checkpoint.load(latest, d.rank, d.world_size)
-        model.model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if scaler is not None and "scaler" in ck["extra"]:
-            scaler.load_state_dict(ck["extra"]["scaler"])
-        checkpoint.set_rng_state(ck["rng"])
-        st = ck["state"]
-        step, epoch, cursor, rows_in_epoch = st["step"], st["epoch"], st["batches"], st["rows_in_epoch"]
-        if d.rank == 0:
-            say(f"resuming from {latest.name} (epoch {epoch}, {cursor} micro-batches into it)")
-    train_model = model
-    if d.on:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else contextlib.nullcontext
-    log = MetricsLog(out / "metrics.jsonl", d.rank == 0, step)
-    if eval_loader is not None and latest is None:
-        log.write({"event": "eval", "step": 0, **evaluate(model, eval_loader, obj, d, device, autocast)})
+    return optimizer, scheduler, scaler
 
-    # 5. Train.
-    progress = Progress(total - step, f"train {out.name}", unit="steps", enabled=cfg.progress and d.rank == 0)
-    t_train, seen_positions, first_step, stream = time.monotonic(), 0, step, None
-    while step < total:
-        batches = data.rank_batches(epoch)
-        longest = max(batches)
-        if cursor >= longest:  # resumed exactly at the end of an epoch
-            log.write({"event": "epoch", "step": step, "epoch": epoch, "rows": rows_in_epoch, "cache_rows": source.num_rows})
-            epoch, cursor, rows_in_epoch = epoch + 1, 0, 0
-            continue
-        data.set_epoch(epoch, cursor)
-        stream = unskipped(iter(loader))
-        expected = iter(_expected_tags(data, epoch, cursor))
-        while cursor < longest and step < total:
-            micro = [next(stream, None) for _ in range(min(cfg.grad_accum, longest - cursor))]
-            cursor += len(micro)
+
+def _resume(out: Path, d, model, optimizer, scheduler, scaler) -> dict:
+    """The training state: zero, or the newest checkpoint's (weights, optimizer, schedule, RNG, data cursor)."""
+    state = {"step": 0, "epoch": 0, "batches": 0, "rows_in_epoch": 0}
+    latest = checkpoint.latest(out)
+    if latest is None:
+        return state
+    ck = checkpoint.load(latest, d.rank, d.world_size)
+    model.model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    if scaler is not None and "scaler" in ck["extra"]:
+        scaler.load_state_dict(ck["extra"]["scaler"])
+    checkpoint.set_rng_state(ck["rng"])
+    state.update({k: ck["state"][k] for k in state})
+    if d.rank == 0:
+        say(f"resuming from {latest.name} (epoch {state['epoch']}, {state['batches']} micro-batches into it)")
+    return state
+
+
+def _loop(cfg, d, data, loader, train_model, model, optimizer, scheduler, scaler, setup: Setup, state: dict,
+          total: int, log, key: str, device, autocast, out: Path) -> int:
+    """Optimizer steps of --grad-accum micro-batches until `total`, checkpointing every --save-every;
+    `state` (step, epoch, batches into it, rows) advances in place. Returns the positions seen."""
+    progress = Progress(total - state["step"], f"train {out.name}", unit="steps", enabled=cfg.progress and d.rank == 0)
+    seen = 0
+    while state["step"] < total:
+        longest = max(data.rank_batches(state["epoch"]))
+        if state["batches"] < longest:
+            data.set_epoch(state["epoch"], state["batches"])
+            stream = unskipped(iter(loader))
+            expected = iter(_expected_tags(data, state["epoch"], state["batches"]))
+        while state["batches"] < longest and state["step"] < total:
+            micro = [next(stream, None) for _ in range(min(cfg.grad_accum, longest - state["batches"]))]
+            state["batches"] += len(micro)
             for mb in micro:
                 if mb is not None:
                     if tuple(mb["tag"]) != next(expected, None):
                         raise RuntimeError(f"loader returned batch {mb['tag']} out of the planned order")
-                    debug_rows(mb, epoch, d)
+                    debug_rows(mb, state["epoch"], d)
             t0 = time.monotonic()
-            res = train_step(train_model, micro, obj, d, device, autocast, scaler)
+            res = train_step(train_model, micro, setup.objective, d, device, autocast, scaler)
             grad_norm = _optimizer_step(model, optimizer, scaler, cfg.max_grad_norm)
             scheduler.step()
-            step += 1
-            rows_in_epoch += res["rows"]
-            seen_positions += res["positions"]
-            log.write({"step": step, "epoch": epoch, "loss": res["loss"], "kd": res["kd"], "ce": res["ce"],
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "positions": res["positions"],
-                       "rows": res["rows"], "seconds": round(time.monotonic() - t0, 5)})
+            state["step"] += 1
+            state["rows_in_epoch"] += res["rows"]
+            seen += res["positions"]
+            log.write({"step": state["step"], "epoch": state["epoch"], "loss": res["loss"], "kd": res["kd"],
+                       "ce": res["ce"], "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "positions": res["positions"], "rows": res["rows"], "seconds": round(time.monotonic() - t0, 5)})
             progress.update(1)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                checkpoint.save(out, step, {"epoch": epoch, "batches": cursor, "rows_in_epoch": rows_in_epoch, "key": key},
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
+                checkpoint.save(out, state["step"], {"epoch": state["epoch"], "batches": state["batches"],
+                                                     "rows_in_epoch": state["rows_in_epoch"], "key": key},
                                 model=model.model.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict(), extra={"scaler": scaler.state_dict()} if scaler else None)
-        if cursor >= longest:
-            log.write({"event": "epoch", "step": step, "epoch": epoch, "rows": rows_in_epoch, "cache_rows": source.num_rows})
-            epoch, cursor, rows_in_epoch = epoch + 1, 0, 0
-    train_seconds = time.monotonic() - t_train
+        if state["batches"] >= longest:  # an epoch ends (also when resumed exactly at its end)
+            log.write({"event": "epoch", "step": state["step"], "epoch": state["epoch"], "rows": state["rows_in_epoch"],
+                       "cache_rows": setup.source.num_rows})
+            state.update(epoch=state["epoch"] + 1, batches=0, rows_in_epoch=0)
     progress.close()
-    final_eval = evaluate(model, eval_loader, obj, d, device, autocast) if eval_loader is not None else None
-    if final_eval:
-        log.write({"event": "eval", "step": step, **final_eval})
-    log.close()
-    del stream, loader  # shuts down persistent workers
+    return seen
 
-    # 6. The student, its tokenizer and the manifest (written last: it marks the output complete).
-    if d.rank == 0:
-        staging = io.tmp_name(out / "final")  # written whole, then each file renamed into place
-        student.model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        for p in sorted(staging.iterdir()):
-            os.replace(p, out / p.name)
-        staging.rmdir()
-        stats_out = _summary(out / "metrics.jsonl")
-        stats_out.update(steps=step, epochs_completed=epoch, world_size=d.world_size, device=str(device),
-                         dtype=str(amp_dtype), wall_seconds=round(time.monotonic() - t_start, 3),
-                         train_seconds=round(train_seconds, 3), resumed_from_step=first_step or None,
-                         positions_per_second=round(seen_positions / max(train_seconds, 1e-9), 1),
-                         steps_per_second=round((step - first_step) / max(train_seconds, 1e-9), 3))
-        files = [{"path": p.name, "bytes": p.stat().st_size, "sha256": io.sha256_file(p)}
-                 for p in sorted(out.iterdir()) if p.is_file() and p.name not in (manifest.PLAN, manifest.MANIFEST)]
-        io.write_json(out / manifest.MANIFEST, {
-            "kind": "student", "format_version": fmt.FORMAT_VERSION, "key": key, "created_at": manifest.now(),
-            "package": {"name": "kd-pipeline", "version": __version__, "python": platform.python_version()},
-            "config": config, "init": student.init, "upstream": upstream, "mode": mode,
-            "fingerprints": {"tokenizer": tokenizer_fingerprint(tokenizer)}, "files": files, "stats": stats_out})
-        checkpoint.remove_all(out)
-        say(f"student written to {out}: {step} steps, final loss {stats_out['final'].get('loss')}")
-    d.barrier()
-    return {"out": str(out), "key": key, "complete": True, "cached": False, "steps": step,
-            "final": _summary(out / "metrics.jsonl")["final"] if d.rank == 0 else None,
-            "eval": final_eval, "wall_seconds": round(time.monotonic() - t_start, 3)}
+
+def _save_student(output: StageOutput, setup: Setup, stats: dict) -> None:
+    """save_pretrained into a staging folder, each file renamed into place; then the manifest."""
+    out = output.out
+    staging = io.tmp_name(out / "final")
+    setup.student.model.save_pretrained(staging)
+    setup.tokenizer.save_pretrained(staging)
+    for p in sorted(staging.iterdir()):
+        os.replace(p, out / p.name)
+    staging.rmdir()
+    names = [p.name for p in sorted(out.iterdir()) if p.is_file() and p.name not in (manifest.PLAN, manifest.MANIFEST)]
+    output.complete(output.file_records(names), stats)
+    checkpoint.remove_all(out)
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -326,17 +332,19 @@ def _open_cache(path: str, d, task_type: str | None) -> dict:
     return m
 
 
-def _eval_loader(cfg, d, task_type, stats, cache, collate, mode):
-    ev = _open_cache(cfg.eval_targets, d, task_type)
-    for what in ("outputs", "value_dtype"):
-        if what == "outputs" and ev["stats"][what] != stats[what]:
-            raise KDError(f"--eval-targets {cfg.eval_targets} has {ev['stats'][what]} outputs, the training cache {stats[what]}")
-    if mode == "ids" and ev["fingerprints"]["tokenizer"]["vocab_sha256"] != cache["fingerprints"]["tokenizer"]["vocab_sha256"]:
-        raise KDError(f"--eval-targets {cfg.eval_targets} was tokenised with another vocabulary than --targets; build both with the same teacher")
+def _eval_loader(cfg: TrainConfig, d, setup: Setup):
+    """The held-out cache, in order: it must be of the training cache's teacher outputs and vocabulary."""
+    ev, stats = _open_cache(cfg.eval_targets, d, setup.task_type), setup.cache["stats"]
+    if ev["stats"]["outputs"] != stats["outputs"]:
+        raise KDError(f"--eval-targets {cfg.eval_targets} has {ev['stats']['outputs']} outputs, the training cache {stats['outputs']}")
+    same_vocab = ev["fingerprints"]["tokenizer"]["vocab_sha256"] == setup.cache["fingerprints"]["tokenizer"]["vocab_sha256"]
+    if setup.fit.mode == "ids" and not same_vocab:
+        raise KDError(f"--eval-targets {cfg.eval_targets} was tokenised with another vocabulary than --targets; build both with the same "
+                      f"teacher")
     text_pair = bool((ev["config"].get("columns") or {}).get("text_pair"))
-    source = ParquetSource([Path(cfg.eval_targets) / f["path"] for f in ev["files"]], task_type,
+    source = ParquetSource([Path(cfg.eval_targets) / f["path"] for f in ev["files"]], setup.task_type,
                            ev["stats"]["value_dtype"], text_pair, ev["key"])
-    ds = StreamingDataset(source, collate, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world_size,
+    ds = StreamingDataset(source, setup.collate, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world_size,
                           text_pair=text_pair)
     ds.set_epoch(0)
     return ds

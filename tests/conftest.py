@@ -46,7 +46,8 @@ def train_tokenizer(path: Path, vocab_size: int = 160, extra_words: tuple[str, .
 
 
 def build_model(path: Path, task_type: str, tokenizer_dir: Path, seed: int = 0, layers: int = 2,
-                num_labels: int | None = None):
+                num_labels: int | None = None, vocab_padding: int = 0):
+    """`vocab_padding`: extra embedding rows past the tokenizer, as LMs round their vocabulary up."""
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -54,7 +55,7 @@ def build_model(path: Path, task_type: str, tokenizer_dir: Path, seed: int = 0, 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     if task_type == "causal-lm":
-        cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+        cfg = transformers.LlamaConfig(vocab_size=len(tok) + vocab_padding, hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=128, pad_token_id=tok.pad_token_id,
                                        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
@@ -65,8 +66,8 @@ def build_model(path: Path, task_type: str, tokenizer_dir: Path, seed: int = 0, 
                   "token-classification": NER_LABELS}.get(task_type)
         if num_labels is not None and labels is not None:
             labels = [f"L{i}" for i in range(num_labels)]
-        kw = dict(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}) if labels else {}
-        cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+        kw = dict(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}) if labels else {}
+        cfg = transformers.BertConfig(vocab_size=len(tok) + vocab_padding, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=layers, num_attention_heads=4,
                                       max_position_embeddings=128, **kw)
         cls = {"sequence-classification": transformers.BertForSequenceClassification,

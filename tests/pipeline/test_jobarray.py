@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline.errors import KDError
-from pipeline.jobarray import detect_scheduler, resolve_task, row_range
+from pipeline.jobarray import resolve_task, row_range
 
 
 def slurm(tid, lo=0, hi=3, step=1, count=None):
@@ -31,7 +31,6 @@ def raises(pattern):
 
 def test_nothing_set_means_one_task():
     assert resolve_task(env={}) == (0, 1)
-    assert detect_scheduler({}) is None
 
 
 def test_reads_os_environ_by_default(monkeypatch):
@@ -41,7 +40,6 @@ def test_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("KD_TASK_INDEX", "2")
     monkeypatch.setenv("KD_NUM_TASKS", "5")
     assert resolve_task() == (2, 5)
-    assert detect_scheduler() is None
 
 
 def test_empty_variables_count_as_unset():
@@ -54,7 +52,6 @@ def test_empty_variables_count_as_unset():
 def test_slurm_zero_based(tid, expected):
     env = slurm(tid)
     assert resolve_task(env=env) == (expected, 4)
-    assert detect_scheduler(env) == "slurm"
 
 
 def test_slurm_one_based_and_stepped():
@@ -106,7 +103,6 @@ def test_slurm_without_count_needs_num_tasks():
 @pytest.mark.parametrize("var", ["PBS_ARRAY_INDEX", "PBS_ARRAYID"])
 def test_pbs_needs_a_count(var):
     env = {var: "2"}
-    assert detect_scheduler(env) == "pbs"
     with raises(rf"{var} gives the task index but no task count.*KD_NUM_TASKS"):
         resolve_task(env=env)
     assert resolve_task(num_tasks=4, env=env) == (2, 4)
@@ -127,7 +123,6 @@ def test_pbs_pro_and_torque_disagree():
 
 def test_lsf_one_based_with_end():
     env = {"LSB_JOBINDEX": "1", "LSB_JOBINDEX_END": "4"}
-    assert detect_scheduler(env) == "lsf"
     assert resolve_task(env=env) == (0, 4)
     assert resolve_task(env={**env, "LSB_JOBINDEX": "4"}) == (3, 4)
 
@@ -141,7 +136,6 @@ def test_lsf_stepped():
 
 def test_lsf_zero_means_not_an_array():
     env = {"LSB_JOBINDEX": "0"}
-    assert detect_scheduler(env) is None
     assert resolve_task(env=env) == (0, 1)
 
 
@@ -157,7 +151,6 @@ def test_lsf_without_end_needs_num_tasks():
 def test_sge_one_based_and_stepped():
     env = {"SGE_TASK_ID": "1", "SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "4",
            "SGE_TASK_STEPSIZE": "1"}
-    assert detect_scheduler(env) == "sge"
     assert resolve_task(env=env) == (0, 4)
     stepped = {"SGE_TASK_ID": "25", "SGE_TASK_FIRST": "5", "SGE_TASK_LAST": "45",
                "SGE_TASK_STEPSIZE": "10"}
@@ -167,7 +160,6 @@ def test_sge_one_based_and_stepped():
 def test_sge_undefined_means_not_an_array():
     env = {"SGE_TASK_ID": "undefined", "SGE_TASK_FIRST": "undefined",
            "SGE_TASK_LAST": "undefined", "SGE_TASK_STEPSIZE": "undefined"}
-    assert detect_scheduler(env) is None
     assert resolve_task(env=env) == (0, 1)
 
 
@@ -202,7 +194,6 @@ def test_kd_disagrees_with_scheduler():
 def test_two_schedulers_agreeing():
     env = {**slurm(1), "SGE_TASK_ID": "2", "SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "4"}
     assert resolve_task(env=env) == (1, 4)
-    assert detect_scheduler(env) == "slurm"
 
 
 def test_two_schedulers_disagreeing():
@@ -284,12 +275,6 @@ def test_malformed_env_raises_even_with_explicit_args():
     with raises(r"SLURM_ARRAY_TASK_ID='x' is not an integer"):
         resolve_task(0, 1, env={"SLURM_ARRAY_TASK_ID": "x"})
 
-
-def test_detect_scheduler_never_raises():
-    assert detect_scheduler({"SLURM_ARRAY_TASK_ID": "garbage"}) == "slurm"
-
-
-# --- row_range ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 10, 13])
 @pytest.mark.parametrize("total", [0, 1, 5, 10, 12, 101])

@@ -314,3 +314,20 @@ def test_cheap_and_exact_student_tail_agree(monkeypatch):
         results[name] = (out.detach(), x.grad)
     torch.testing.assert_close(results["default"][0], results["exact"][0], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(results["default"][1], results["exact"][1], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [3, 7, 12])
+def test_training_loss_and_evaluation_metric_share_one_formula(k):
+    """pipeline.losses (torch) and pipeline.metrics (numpy float64) implement the (k+1)-bucket KL
+    of pipeline.softtargets: at T = 1 they agree to float64 precision, tail and k == V alike."""
+    import numpy as np
+
+    from pipeline.metrics import kl_per_position
+
+    g = torch.Generator().manual_seed(k)
+    z, s = torch.randn(9, 12, generator=g, dtype=torch.float64) * 3, torch.randn(9, 12, generator=g, dtype=torch.float64) * 3
+    vals, ids = z.topk(k, dim=-1)
+    lse = torch.logsumexp(z, -1)
+    torch_kl = kd_loss_sum(s, ids, vals, lse, loss="kl", cache_temperature=1.0).item() / 9
+    numpy_kl = float(np.mean(kl_per_position(s.numpy(), ids.numpy(), vals.numpy(), lse.numpy(), 1.0)))
+    assert torch_kl == pytest.approx(numpy_kl, rel=1e-10, abs=1e-12)

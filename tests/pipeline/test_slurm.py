@@ -63,7 +63,7 @@ def sbatch_flags(script: str) -> list[str]:
 def exec_argv(script: str) -> list[str]:
     """The `exec` command of a job script as the shell will see it."""
     body = script.replace("\\\n", " ")
-    line = next(l for l in body.splitlines() if l.startswith("exec "))
+    line = next(x for x in body.splitlines() if x.startswith("exec "))
     return shlex.split(line)[1:]
 
 

@@ -1,5 +1,5 @@
-"""Student initialisation (layer copying for BERT- and Llama-like models), the checks that refuse a
-student that cannot read a cache, and the positions-only forward."""
+"""Student initialisation (layer copying for BERT- and Llama-like models), the label checks of a
+new or existing head, and the positions-only forward (the fit to a cache: test_fit.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from pipeline.errors import KDError
-from pipeline.fingerprint import tokenizer_fingerprint
-from pipeline.students import (StudentForward, check_fit, find_layer_list, load_student, parse_layers, shrink)
-from tests.conftest import build_model, train_tokenizer
+from pipeline.students import StudentForward, find_layer_list, load_student, parse_layers, shrink
+from tests.conftest import build_model
 
 
 @pytest.mark.parametrize("spec,want", [("0,2,4", [0, 2, 4]), ("[1, 0]", [1, 0]), ([3], [3]), ("2", [2])])
@@ -55,43 +54,12 @@ def test_shrink_refuses_out_of_range_layers(models):
         shrink(teacher, [0, 5])
 
 
-def _cache_stats(task_type, outputs, id2label=None):
-    return {"task_type": task_type, "outputs": outputs, "id2label": id2label}
-
-
-def test_check_fit_refuses_another_vocabulary_for_token_tasks(tmp_path, tokenizer_dir, models):
-    from transformers import AutoTokenizer
-
-    other_tok = tmp_path / "tok2"
-    train_tokenizer(other_tok, vocab_size=200, extra_words=("zebra quagga okapi",))
-    student_dir = build_model(tmp_path / "s", "masked-lm", other_tok)
-    student = load_student("masked-lm", student=str(student_dir))
-    teacher_fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tokenizer_dir))
-    with pytest.raises(KDError, match="another vocabulary"):
-        check_fit(student, "masked-lm", _cache_stats("masked-lm", teacher_fp["vocab_size"]), teacher_fp, "s")
-
-
-def test_sequence_classification_may_bring_its_own_tokenizer(tmp_path, tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    other_tok = tmp_path / "tok2"
-    train_tokenizer(other_tok, vocab_size=200, extra_words=("zebra quagga okapi",))
-    student_dir = build_model(tmp_path / "s", "sequence-classification", other_tok)
-    student = load_student("sequence-classification", student=str(student_dir), labels=["negative", "positive"])
-    teacher_fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tokenizer_dir))
-    stats = _cache_stats("sequence-classification", 2, {"0": "negative", "1": "positive"})
-    assert check_fit(student, "sequence-classification", stats, teacher_fp, "s") == "retokenize"
-    same = load_student("sequence-classification", student=str(build_model(tmp_path / "s2", "sequence-classification",
-                                                                            tokenizer_dir)))
-    assert check_fit(same, "sequence-classification", stats, teacher_fp, "s2") == "ids"
-
-
 def test_label_count_and_names_must_match(tmp_path, tokenizer_dir):
     three = build_model(tmp_path / "three", "sequence-classification", tokenizer_dir, num_labels=3)
-    with pytest.raises(KDError, match=r"has 3 labels \(L0, L1, L2\) but the targets have 2 \(negative, positive\)"):
+    with pytest.raises(KDError, match=r"predicts \[L0, L1, L2\] \(3\) but the labels of the targets are \[negative, positive\] \(2\)"):
         load_student("sequence-classification", student=str(three), labels=["negative", "positive"])
     two = build_model(tmp_path / "two", "sequence-classification", tokenizer_dir)
-    with pytest.raises(KDError, match="differ from the targets"):
+    with pytest.raises(KDError, match="label set mismatch: .* same label names in the same order"):
         load_student("sequence-classification", student=str(two), labels=["positive", "negative"])
 
 

@@ -229,7 +229,8 @@ def _one_line_refusal(match, fn):
 
 def test_refuses_a_label_set_that_does_not_fit(env, tmp_path, tokenizer_dir):
     three = build_model(tmp_path / "three", SEQ, tokenizer_dir, num_labels=3)
-    _one_line_refusal(r"label set mismatch: .*three predicts \[L0, L1, L2\] \(3\) but the cache .* has \[negative, positive\] \(2\)",
+    _one_line_refusal(r"label set mismatch: .*three predicts \[L0, L1, L2\] \(3\) "
+                      r"but the labels of the cache .* are \[negative, positive\] \(2\)",
                       lambda: evaluate(env, SEQ, tmp_path / "e", models=[three]))
 
 

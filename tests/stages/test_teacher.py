@@ -195,9 +195,9 @@ def test_cache_hit_runs_no_teacher(tmp_path, models, datasets_dir, monkeypatch, 
         raise AssertionError("the teacher was loaded on a cache hit")
 
     monkeypatch.setattr(teacher, "load_model", forbidden)
-    monkeypatch.setattr(teacher, "_run_teacher", forbidden)
+    monkeypatch.setattr(teacher, "launch", forbidden)
     again = teacher.run(c)
-    assert again["cache_hit"] and again["key"] == first["key"]
+    assert again["reused"] and again["key"] == first["key"]
     assert "cache hit" in capsys.readouterr().err
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "o").rglob("*") if p.is_file()}
 
@@ -207,14 +207,14 @@ def test_cache_root_keys_the_directory(tmp_path, models, datasets_dir):
     r = teacher.run(c)
     assert Path(r["out"]) == tmp_path / "root" / r["key"]
     assert (tmp_path / "link").resolve() == Path(r["out"]).resolve()
-    assert teacher.run(c)["cache_hit"]
+    assert teacher.run(c)["reused"]
 
 
 def test_parquet_reads_with_pyarrow_polars_and_datasets(caches):
     import datasets
     import polars as pl
 
-    for task, out in caches.items():
+    for out in caches.values():
         files = sorted(str(p) for p in (out / "shards").glob("*.parquet"))
         t = pq.read_table(files)
         df = pl.read_parquet(files)
@@ -283,8 +283,8 @@ def test_config_file_and_flags_win(tmp_path, models, datasets_dir):
 
 def _one_line_error(result) -> str:
     assert result.exit_code != 0
-    lines = [l for l in result.output.strip().splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("Error:")]  # progress lines may precede it
+    lines = [x for x in result.output.strip().splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("Error:")]  # progress lines may precede it
     assert len(errors) == 1 and lines[-1] == errors[0], result.output
     return errors[0]
 
@@ -305,7 +305,8 @@ def test_bad_input_is_one_clear_line(tmp_path, models, datasets_dir, tokenizer_d
     from transformers import BertModel, BertConfig
 
     bare = tmp_path / "bare"
-    BertModel(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(bare)
+    BertModel(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(bare)
     for f in (Path(tokenizer_dir)).iterdir():
         shutil.copy(f, bare / f.name)
     assert "no trained sequence-classification head" in _one_line_error(run(model=bare))

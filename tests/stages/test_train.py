@@ -146,7 +146,7 @@ def test_rerun_of_a_finished_student_does_nothing_and_other_config_is_refused(tm
     kw = dict(targets=str(caches["causal-lm"]), student_from_teacher=str(models["causal-lm"]), student_layers="0", epochs=1)
     first = train(tmp_path / "s", **kw)
     again = train(tmp_path / "s", **kw)
-    assert again["cached"] and again["key"] == first["key"]
+    assert again["reused"] and again["key"] == first["key"]
     with pytest.raises(KDError, match="different student"):
         train(tmp_path / "s", **{**kw, "lr": 1e-4})
 
@@ -170,14 +170,14 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, caches):
     tok = tmp_path / "tok"
     train_tokenizer(tok, vocab_size=200, extra_words=("zebra quagga okapi",))
     student = build_model(tmp_path / "other", "masked-lm", tok)
-    with pytest.raises(KDError, match="another vocabulary.*teacher's tokenizer"):
+    with pytest.raises(KDError, match="vocabulary mismatch.*teacher's tokenizer"):
         train(tmp_path / "s", targets=str(caches["masked-lm"]), student=str(student))
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
 def test_student_with_another_label_count_is_refused(tmp_path, caches, tokenizer_dir):
     student = build_model(tmp_path / "three", "sequence-classification", tokenizer_dir, num_labels=3)
-    with pytest.raises(KDError, match="has 3 labels .* targets have 2"):
+    with pytest.raises(KDError, match=r"predicts \[L0, L1, L2\] \(3\) but the labels of the targets are \[negative, positive\] \(2\)"):
         train(tmp_path / "s", targets=str(caches["sequence-classification"]), student=str(student))
 
 

@@ -1,0 +1,194 @@
+"""The configuration of each stage, defined once: a dataclass whose fields carry their defaults
+and help text. The CLI's flags (`pipeline.cli`), the keys of `--config FILE.yaml`, of `kd run`'s
+pipeline YAML and of sweep files are all derived from these fields, and the README's flag tables
+are checked against them by a test, so a flag cannot exist in one place and not the others.
+
+Field metadata: `help` (the flag's help), `choices`, `required`, `multiple`, `metavar`,
+`secondary` (the `--no-…` form of a boolean flag), `cli=False` for settings that only
+programs set, and `key=False` for settings that do not change a stage's result (so they stay
+out of its output key: changing them resumes rather than refuses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pipeline import tasks
+from pipeline.errors import KDError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOSSES = ("kl", "kl-renorm", "reverse-kl", "jsd")
+NO_DEFAULT = dataclasses.MISSING
+
+
+def flag(default: Any = NO_DEFAULT, help: str = "", **meta) -> Any:  # noqa: A002 (click's word)
+    """A config field that is also a command-line flag."""
+    meta["help"] = help
+    if default is NO_DEFAULT:
+        return dataclasses.field(metadata=meta)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def internal(default: Any) -> Any:
+    """A setting that programs pass (e.g. progress bars off in tests), not a flag."""
+    return dataclasses.field(default=default, metadata={"cli": False, "key": False})
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    """Stage 1: run the teacher once and cache its top-k soft targets as Parquet shards."""
+
+    model: str = flag(help="Teacher: a local directory or a hub id.", required=True)
+    data: str = flag(help="A .jsonl/.json/.csv/.parquet/.txt file or glob, a save_to_disk directory, or a hub dataset.",
+                     required=True)
+    task_type: str = flag(help="What a target position is.", required=True, choices=tasks.NAMES)
+    out: str | None = flag(None, "Output directory (with --cache-root: a symlink to the keyed cache).")
+    split: str = flag("train", "Split of --data to read.")
+    text_column: str | None = flag(None, "Default: text (tokens for token-classification).")
+    text_pair_column: str | None = flag(None, "Second text of a pair (sequence-classification).")
+    label_column: str | None = flag(None, "Default: label / ner_tags where present.")
+    id_column: str | None = flag(None, "Default: id where present, else the row index.")
+    max_length: int = flag(512, "Tokens per example (longer inputs are truncated and counted).")
+    top_k: int = flag(32, "Ids kept per position (classification: min(k, C), so exact).")
+    temperature: float = flag(1.0, "T of the stored z/T.")
+    dtype: str = flag("auto", "Teacher compute dtype (auto: bf16 on a GPU, float32 on the CPU).", choices=DTYPES)
+    value_dtype: str = flag("float16", "Stored dtype of topk_logits.", choices=("float16", "float32"))
+    batch_tokens: int = flag(16384, "Token budget per teacher batch (padded).")
+    shard_rows: int | None = flag(None, "Rows per shard (default: 50000 for classification, 1M/max-length otherwise).")
+    mask_seed: int = flag(0, "masked-lm: seed of the masks.")
+    mask_prob: float = flag(0.15, "masked-lm: masking probability.")
+    task_index: int | None = flag(None, "This task's index (default: from SLURM/PBS/LSF/SGE array variables, else 0).")
+    num_tasks: int | None = flag(None, "Number of array tasks (default: from the array variables, else 1).")
+    cache_root: str | None = flag(None, "Keep the cache at CACHE_ROOT/<key> so other runs reuse it.")
+    limit: int | None = flag(None, "Use only the first N rows.")
+    device: str = flag("auto", "cuda when present, else cpu.")
+    progress: bool = internal(True)
+    profile: bool = internal(False)  # synchronised body / head timers in the stats (benchmarks only)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Stage 2: train a student from a targets cache (stage 0 without one); resumes from its checkpoints."""
+
+    out: str | None = flag(None, "Output directory of the student.", key=False)
+    targets: str | None = flag(None, "A complete targets cache (absent: plain fine-tuning on --data with cross-entropy).")
+    data: str | None = flag(None, "Without --targets: the dataset to fine-tune on (as for `kd teacher`).")
+    split: str = flag("train", "Without --targets: the split of --data.")
+    task_type: str | None = flag(None, "Without --targets: the task (with --targets it comes from the cache).",
+                                 choices=tasks.NAMES)
+    text_column: str | None = flag(None, "Without --targets: as for `kd teacher`.")
+    text_pair_column: str | None = flag(None, "Without --targets: as for `kd teacher`.")
+    label_column: str | None = flag(None, "Without --targets: as for `kd teacher`.")
+    labels: Any = flag(None, "Without --targets: label names in id order, e.g. neg,pos (default: from the data).")
+    max_length: int = flag(512, "Without --targets: tokenisation length.")
+    limit: int | None = flag(None, "Without --targets: use only the first N rows.")
+    student: str | None = flag(None, "The student: a local directory or a hub id.")
+    student_from_teacher: str | None = flag(None, "Cut the student from this teacher (with --student-layers).",
+                                            metavar="MODEL")
+    student_layers: Any = flag(None, "Teacher layers the student keeps, e.g. 0,2,4.")
+    alpha: float = flag(0.5, "Loss = alpha*T^2*KD + (1-alpha)*CE on hard labels.")
+    temperature: float | None = flag(None, "Training temperature (default: the cache's).")
+    loss: str = flag("kl", "Divergence of the KD term.", choices=LOSSES)
+    epochs: int = flag(3, "Passes over the data.")
+    max_steps: int | None = flag(None, "Stop after N optimizer steps (overrides --epochs).")
+    lr: float = flag(5e-5, "Peak learning rate (AdamW, linear warmup and decay).")
+    batch_size: int = flag(32, "Rows per micro-batch (per process).")
+    grad_accum: int = flag(1, "Micro-batches per optimizer step.")
+    warmup_ratio: float = flag(0.0, "Fraction of the steps spent warming up.")
+    weight_decay: float = flag(0.01, "AdamW weight decay (not on biases and norms).")
+    max_grad_norm: float = flag(1.0, "Gradient clipping (0: off).")
+    seed: int = flag(0, "Seed of the initialisation, the data order and the masks.")
+    dtype: str = flag("auto", "Autocast dtype (weights stay float32); auto: bf16 on a GPU, float32 on the CPU.",
+                      choices=DTYPES)
+    save_every: int = flag(500, "Checkpoint every N steps (0: never).", key=False)
+    eval_targets: str | None = flag(None, "A held-out targets cache: report validation KD loss and agreement.", key=False)
+    sweep: str | None = flag(None, "YAML/JSON list of overrides; trains entry --task-index into OUT/<name>.", key=False)
+    task_index: int | None = flag(None, "Sweep entry (default: from SLURM/PBS/LSF/SGE array variables).", key=False)
+    num_workers: int = flag(1, "DataLoader worker processes per rank.")
+    shuffle_buffer: int | None = flag(None, "Rows kept back for shuffling across row groups (default: a row group's worth).")
+    device: str = flag("auto", "cuda when present, else cpu.")
+    progress: bool = internal(True)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Stage 3: score students on a labelled split and against the teacher, with their size and speed."""
+
+    model: list[str] = flag(help="A student (any model directory); repeat for several.", required=True, multiple=True)
+    out: str = flag(help="Output directory: metrics.parquet, report.md, plot.png, manifest.json.", required=True, key=False)
+    data: str | None = flag(None, "The labelled split's data (as for kd teacher); with --targets optional and checked "
+                                  "against the cache.")
+    split: str = flag("test", "Split of --data.")
+    targets: str | None = flag(None, "Targets cache of this split: teacher metrics and comparisons without rerunning the teacher.")
+    teacher: str | None = flag(None, "Teacher model: without --targets it runs here once (cached under OUT/targets); "
+                                     "with --targets it is only timed.")
+    task_type: str | None = flag(None, "Default: from the cache, the students' manifests or their configs.",
+                                 choices=tasks.NAMES)
+    text_column: str | None = flag(None, "Without --targets: default text (tokens for token-classification).")
+    text_pair_column: str | None = flag(None, "Without --targets: as for `kd teacher`.")
+    label_column: str | None = flag(None, "Default: label / ner_tags where present.")
+    id_column: str | None = flag(None, "Default: id where present, else the row index.")
+    max_length: int | None = flag(None, "Default: the cache's, else 512.")
+    top_k: int = flag(32, "k of the targets when --teacher runs here.")
+    mask_seed: int = flag(0, "masked-lm without --targets: seed of the masks.")
+    mask_prob: float = flag(0.15, "masked-lm without --targets: masking probability.")
+    batch_size: int = flag(32, "Rows per forward (and the batch of the examples/s figure).")
+    timing_examples: int = flag(64, "Rows each model is timed on.")
+    time_teacher: bool = flag(True, "Load the cache's teacher to measure its size and speed.", secondary="--no-time-teacher")
+    limit: int | None = flag(None, "Use only the first N rows.")
+    device: str = flag("auto", "cuda when present, else cpu.")
+    dtype: str = flag("auto", "Model dtype (auto: bf16 on a GPU, float32 on the CPU).", choices=DTYPES)
+    progress: bool = internal(True)
+
+
+STAGES = {"teacher": TeacherConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def flags(cls) -> list[dataclasses.Field]:
+    """The fields of a stage config that are command-line flags, in definition order."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def result_settings(cfg) -> dict[str, Any]:
+    """The settings that decide a stage's result: what its output key is computed over."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("key", True)}
+
+
+def recorded(cfg) -> dict[str, Any]:
+    """The settings a manifest records: every flag (not the programs-only ones)."""
+    return {f.name: getattr(cfg, f.name) for f in flags(type(cfg))}
+
+
+def normalize_keys(values: Any, where: str) -> dict[str, Any]:
+    """A mapping of flag names to values, with `max-length` and `max_length` meaning the same;
+    the one place where YAML keys (a --config file, a pipeline, a sweep entry) become field names."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise KDError(f"{where} must be a mapping of flag names to values, not a {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def check_keys(values: dict, allowed, where: str) -> None:
+    """Refuse keys that are not settings: a typo found after an hour of teacher work is an hour lost."""
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise KDError(f"unknown key {unknown[0]!r}{more} in {where} (allowed: {', '.join(sorted(allowed))})")
+
+
+def build(cls, values: dict[str, Any], where: str):
+    """A stage config from normalised keys, refusing unknown keys and missing required ones."""
+    check_keys(values, [f.name for f in dataclasses.fields(cls)], where)
+    missing = [flag_name(f) for f in dataclasses.fields(cls)
+               if f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT and f.name not in values]
+    if missing:
+        raise KDError(f"{where}: missing {', '.join(missing)}")
+    return cls(**values)

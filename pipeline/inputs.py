@@ -1,0 +1,72 @@
+"""What stage 1 knows before it loads the teacher's weights: the inputs, their fingerprints
+and the cache key (DESIGN.md, "Manifests and the cache key").
+
+Kept in the library, apart from the recipe, because `kd slurm` needs the key too: with
+`--cache-root` the output directory is named by it, so the submitter computes it (hashing
+tokenizer, data and weights, no forward pass) to see which tasks are still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline import format as fmt
+from pipeline import tasks
+from pipeline.config import TeacherConfig
+from pipeline.data import Columns, load_split
+from pipeline.errors import KDError
+from pipeline.fingerprint import cache_key, dataset_fingerprint, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
+from pipeline.models import load_tokenizer
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Everything stage 1 knows before loading the teacher's weights."""
+
+    model_dir: Path
+    tokenizer: object
+    mconfig: object
+    dataset: object
+    cols: Columns
+    id_column: str | None
+    top_k: int
+    outputs: int
+    fingerprints: dict
+    key: str
+    vocab_limit: int | None = None  # a padded vocabulary: outputs past the tokenizer are left out (pipeline.fit)
+
+
+def resolve_inputs(cfg: TeacherConfig) -> Inputs:
+    """Resolve model, tokenizer and data, fingerprint them and derive the cache key."""
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = load_tokenizer(str(model_dir))
+    from transformers import AutoConfig
+
+    mconfig = AutoConfig.from_pretrained(model_dir)
+    dataset = load_split(cfg.data, cfg.split, cfg.limit)
+    cols = Columns.resolve(dataset.column_names, cfg.task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    if cfg.id_column and cfg.id_column not in dataset.column_names:
+        raise KDError(f"--id-column {cfg.id_column!r} is not a column of the data (columns: {', '.join(dataset.column_names)})")
+    id_column = cfg.id_column or ("id" if "id" in dataset.column_names else None)
+    task = tasks.get(cfg.task_type)
+    outputs = task.outputs(mconfig)
+    vocab_limit = len(tokenizer) if not task.classification and outputs > len(tokenizer) else None
+    outputs = vocab_limit or outputs
+    top_k = min(cfg.top_k, outputs) if task.classification else cfg.top_k  # exact over C classes
+    if top_k > outputs:
+        raise KDError(f"--top-k {top_k} is larger than the teacher's vocabulary ({outputs}); use --top-k {outputs} or less")
+    fps = {
+        "teacher": model_fingerprint(model_dir),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "dataset": dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols) | {"id": id_column},
+                                       len(dataset), cfg.limit, getattr(dataset, "_fingerprint", None)),
+    }
+    mask = {"seed": cfg.mask_seed, "prob": cfg.mask_prob} if task.masked else None
+    key = cache_key(teacher=fps["teacher"], tokenizer=fps["tokenizer"], dataset=fps["dataset"],
+                    task_type=cfg.task_type, max_length=cfg.max_length, top_k=top_k,
+                    temperature=cfg.temperature, value_dtype=cfg.value_dtype, mask=mask,
+                    format_version=fmt.FORMAT_VERSION, vocab_limit=vocab_limit)
+    return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key, vocab_limit)
+
+
