@@ -156,7 +156,8 @@ def run_online(task: str, p: dict, steps: int, batch: int) -> dict:
     import torch
 
     from pipeline.data import Columns, Encoder, load_split
-    from pipeline.loader import Collate, StreamingDataset, TableSource, encode_table
+    from pipeline.data import encode_table
+    from pipeline.loader import Collate, StreamingDataset, TableSource
     from pipeline.losses import distillation_loss
     from pipeline.models import load_model, load_tokenizer
     from pipeline.students import StudentForward, load_student

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from pipeline import tasks
@@ -187,3 +188,54 @@ def pad_batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
         ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
         att[b, :len(r)] = 1
     return ids, att
+
+
+# --- fine-tuning without a cache (stage 0): labels and a tokenised table --------------------
+
+def infer_labels(dataset, column: str | None, task_type: str, given: str | list | None) -> list[str] | None:
+    """The label names of a dataset for a new classification head: --labels, else the
+    ClassLabel names, else the sorted distinct strings, else LABEL_0..LABEL_max for integers
+    (integer labels carry no names, so they match any head with that many labels)."""
+    if not tasks.get(task_type).classification:
+        return None
+    if given:
+        names = given if isinstance(given, list) else [s.strip() for s in str(given).split(",") if s.strip()]
+        return [str(n) for n in names]
+    if column is None:
+        raise KDError(f"{task_type} fine-tuning needs labels: pass --label-column (and optionally --labels a,b,c)")
+    feature = dataset.features[column]
+    feature = getattr(feature, "feature", feature)  # Sequence(ClassLabel) / List(ClassLabel)
+    if getattr(feature, "names", None):
+        return list(feature.names)
+    import pyarrow.compute as pc
+
+    col = dataset.data.column(column)
+    while pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        col = pc.list_flatten(col)
+    values = [v for v in pc.unique(col).to_pylist() if v is not None]
+    if values and all(isinstance(v, str) for v in values):
+        return sorted(values)
+    ints = [int(v) for v in values if int(v) != -100]
+    if not ints or min(ints) < 0:
+        raise KDError(f"--label-column {column!r}: labels must be strings or integers 0..C-1 (found {sorted(set(ints))[:5]})")
+    return [f"LABEL_{i}" for i in range(max(ints) + 1)]
+
+
+def encode_table(dataset, encoder, chunk: int = 4096) -> pa.Table:
+    """A tokenised dataset as a table with the cache's columns (row, input_ids, labels,
+    positions, text), so fine-tuning without targets streams through the same loader."""
+    task = tasks.get(encoder.task_type)
+    parts = []
+    for s in range(0, len(dataset), chunk):
+        ex = encoder.encode(dataset[s:s + chunk], s)
+        cols = {
+            "row": pa.array([e.row for e in ex], pa.int64()),
+            "text": pa.array([e.text for e in ex], task.text_type()),
+            "input_ids": pa.array([e.input_ids for e in ex], pa.list_(pa.int32())),
+            "labels": pa.array([e.labels for e in ex], task.label_type()),
+            "positions": pa.array([e.positions for e in ex], pa.list_(pa.int32())),
+        }
+        if encoder.cols.text_pair:
+            cols["text_pair"] = pa.array([e.text_pair for e in ex], pa.string())
+        parts.append(pa.table(cols))
+    return pa.concat_tables(parts)

@@ -24,12 +24,11 @@ import torch
 
 from pipeline import checkpoint, io, manifest, sweep, tasks
 from pipeline.config import TrainConfig, recorded, result_settings
-from pipeline.data import Columns, Encoder, load_split, pad_id
+from pipeline.data import Columns, Encoder, encode_table, infer_labels, load_split, pad_id
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, tokenizer_fingerprint
 from pipeline.fit import Fit, cache_labels, fit
-from pipeline.loader import (Collate, ParquetSource, StreamingDataset, TableSource, encode_table, infer_labels,
-                             merged_order, unskipped, verify_shards)
+from pipeline.loader import Collate, ParquetSource, StreamingDataset, TableSource, merged_order, unskipped, verify_shards
 from pipeline.losses import LOSSES
 from pipeline.models import load_tokenizer, pick_device, pick_dtype
 from pipeline.outputs import StageOutput
@@ -70,6 +69,19 @@ class Setup:
     cache: dict | None         # the cache's manifest
     upstream: list[dict]
     inputs: dict               # what the key is computed over, besides the settings
+
+
+@dataclasses.dataclass
+class Parts:
+    """What an optimizer step works on."""
+
+    model: StudentForward
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object | None
+    device: torch.device
+    autocast: object
 
 
 def _train(cfg: TrainConfig, d) -> dict:
@@ -122,6 +134,7 @@ def _train(cfg: TrainConfig, d) -> dict:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else contextlib.nullcontext
+    parts = Parts(model, train_model, optimizer, scheduler, scaler, device, autocast)
     log = MetricsLog(out / "metrics.jsonl", d.rank == 0, state["step"])
     if eval_loader is not None and state["step"] == 0:
         log.write({"event": "eval", "step": 0, **evaluate(model, eval_loader, setup.objective, d, device, autocast)})
@@ -129,8 +142,7 @@ def _train(cfg: TrainConfig, d) -> dict:
     # 5. Train.
     first_step = state["step"]
     t_train = time.monotonic()
-    seen_positions = _loop(cfg, d, data, loader, train_model, model, optimizer, scheduler, scaler, setup, state, total,
-                           log, key, device, autocast, out)
+    seen_positions = _loop(cfg, d, data, loader, parts, setup, state, total, log, key, out)
     train_seconds = time.monotonic() - t_train
     final_eval = evaluate(model, eval_loader, setup.objective, d, device, autocast) if eval_loader is not None else None
     if final_eval:
@@ -236,8 +248,8 @@ def _resume(out: Path, d, model, optimizer, scheduler, scaler) -> dict:
     return state
 
 
-def _loop(cfg, d, data, loader, train_model, model, optimizer, scheduler, scaler, setup: Setup, state: dict,
-          total: int, log, key: str, device, autocast, out: Path) -> int:
+def _loop(cfg: TrainConfig, d, data: StreamingDataset, loader, p: Parts, setup: Setup, state: dict, total: int, log,
+          key: str, out: Path) -> int:
     """Optimizer steps of --grad-accum micro-batches until `total`, checkpointing every --save-every;
     `state` (step, epoch, batches into it, rows) advances in place. Returns the positions seen."""
     progress = Progress(total - state["step"], f"train {out.name}", unit="steps", enabled=cfg.progress and d.rank == 0)
@@ -257,21 +269,21 @@ def _loop(cfg, d, data, loader, train_model, model, optimizer, scheduler, scaler
                         raise RuntimeError(f"loader returned batch {mb['tag']} out of the planned order")
                     debug_rows(mb, state["epoch"], d)
             t0 = time.monotonic()
-            res = train_step(train_model, micro, setup.objective, d, device, autocast, scaler)
-            grad_norm = _optimizer_step(model, optimizer, scaler, cfg.max_grad_norm)
-            scheduler.step()
+            res = train_step(p.train_model, micro, setup.objective, d, p.device, p.autocast, p.scaler)
+            grad_norm = _optimizer_step(p.model, p.optimizer, p.scaler, cfg.max_grad_norm)
+            p.scheduler.step()
             state["step"] += 1
             state["rows_in_epoch"] += res["rows"]
             seen += res["positions"]
             log.write({"step": state["step"], "epoch": state["epoch"], "loss": res["loss"], "kd": res["kd"],
-                       "ce": res["ce"], "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "ce": res["ce"], "lr": p.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "positions": res["positions"], "rows": res["rows"], "seconds": round(time.monotonic() - t0, 5)})
             progress.update(1)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
                 checkpoint.save(out, state["step"], {"epoch": state["epoch"], "batches": state["batches"],
                                                      "rows_in_epoch": state["rows_in_epoch"], "key": key},
-                                model=model.model.state_dict(), optimizer=optimizer.state_dict(),
-                                scheduler=scheduler.state_dict(), extra={"scaler": scaler.state_dict()} if scaler else None)
+                                model=p.model.model.state_dict(), optimizer=p.optimizer.state_dict(),
+                                scheduler=p.scheduler.state_dict(), extra={"scaler": p.scaler.state_dict()} if p.scaler else None)
         if state["batches"] >= longest:  # an epoch ends (also when resumed exactly at its end)
             log.write({"event": "epoch", "step": state["step"], "epoch": state["epoch"], "rows": state["rows_in_epoch"],
                        "cache_rows": setup.source.num_rows})
