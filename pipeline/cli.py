@@ -16,21 +16,15 @@ from pathlib import Path
 import click
 
 from pipeline import config, slurm
-from pipeline.errors import KDError
+from pipeline.errors import KDError, one_line
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
     """--config FILE.yaml: its keys become defaults of this command's flags (flags win)."""
     if not value:
         return value
-    import yaml
-
     try:
-        with open(value, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise click.BadParameter(f"cannot read {value}: {str(exc).splitlines()[0]}", param_hint="--config") from None
-    try:
+        data = config.load_yaml(value, "--config") or {}
         norm = config.normalize_keys(data, value)
         config.check_keys(norm, {p.name for p in ctx.command.params if p.name and p.name != "config"}, value)
     except KDError as exc:
@@ -53,7 +47,7 @@ class KDGroup(click.Group):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:
             hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
-            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            click.echo(f"Error: {one_line(exc.format_message())}{hint}", err=True)
             sys.exit(exc.exit_code)
         except (click.Abort, KeyboardInterrupt):
             click.echo("Error: interrupted", err=True)
@@ -64,13 +58,13 @@ class KDGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KDError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(str(exc))) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug: keep it to one line unless asked
             if os.environ.get("KD_DEBUG"):
                 traceback.print_exc()
-            msg = str(exc).splitlines()[0] if str(exc) else ""
+            msg = one_line(str(exc), 300)
             raise click.ClickException(f"internal error {type(exc).__name__}: {msg} (rerun with KD_DEBUG=1 for the traceback)") from None
 
 
@@ -109,7 +103,7 @@ def options_from(cls):
 def teacher(**kw):
     from stages.teacher import run
 
-    click.echo(json.dumps(run(config.TeacherConfig(**kw))))
+    click.echo(json.dumps(run(config.build(config.TeacherConfig, kw, "kd teacher"))))
 
 
 @cli.command()
@@ -179,7 +173,7 @@ def verify(directory, recompute, model, seed, device, dtype):
 def eval_(**kw):
     from stages.evaluate import run
 
-    result = run(config.EvalConfig(**{**kw, "model": list(kw["model"])}))
+    result = run(config.build(config.EvalConfig, {**kw, "model": list(kw["model"])}, "kd eval"))
     click.echo(result["report"])
     click.echo(result["table"])
 
@@ -189,7 +183,7 @@ def eval_(**kw):
 def train(**kw):
     from stages.train import run
 
-    result = run(config.TrainConfig(**kw))
+    result = run(config.build(config.TrainConfig, kw, "kd train"))
     if result is not None:  # rank 0 only under torchrun
         click.echo(json.dumps(result))
 
@@ -300,7 +294,7 @@ def train_cmd(**kw):
 @click.argument("directories", nargs=-1, required=True, type=click.Path(file_okay=False))
 def summary_cmd(directories):
     """One line per output directory (complete or not); exit status 1 unless all are complete."""
-    from pipeline import io, manifest
+    from pipeline import manifest
 
     incomplete = []
     for d in directories:
@@ -309,7 +303,12 @@ def summary_cmd(directories):
             incomplete.append(d)
             click.echo(f"{d}: " + ("incomplete" if (path / manifest.PLAN).exists() else "not started"))
             continue
-        m = io.read_json(path / manifest.MANIFEST)
+        try:
+            m = manifest.read_manifest(path)
+        except KDError as exc:
+            incomplete.append(d)
+            click.echo(f"{d}: damaged ({exc})")
+            continue
         final = (m.get("stats") or {}).get("final") or {}
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())
         upstream = ", ".join(u.get("key", "?")[:12] for u in m.get("upstream", []))

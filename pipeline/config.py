@@ -7,15 +7,26 @@ Field metadata: `help` (the flag's help), `choices`, `required`, `multiple`, `me
 `secondary` (the `--no-…` form of a boolean flag), `cli=False` for settings that only
 programs set, and `key=False` for settings that do not change a stage's result (so they stay
 out of its output key: changing them resumes rather than refuses).
+
+`build` is the one door into a stage config, from the command line, a --config file, a
+pipeline YAML or a sweep entry alike: it refuses unknown keys, missing required ones, values
+of the wrong type (checked against the field annotations, so `top_k: eight` fails before any
+stage runs, not as a TypeError an hour into stage 1), choices, and non-finite floats.
+`load_yaml` is the one YAML reader: it bounds what a document may expand to (a 600-byte
+billion-laughs file expands to gigabytes through its aliases).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
 from typing import Any
 
 from pipeline import tasks
-from pipeline.errors import KDError
+from pipeline.errors import KDError, short
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("kl", "kl-renorm", "reverse-kl", "jsd")
@@ -47,6 +58,7 @@ class TeacherConfig:
     task_type: str = flag(help="What a target position is.", required=True, choices=tasks.NAMES)
     out: str | None = flag(None, "Output directory (with --cache-root: a symlink to the keyed cache).")
     split: str = flag("train", "Split of --data to read.")
+    encoding: str = flag("utf-8", "Text encoding of .csv/.json/.jsonl/.txt --data files, e.g. latin-1.")
     text_column: str | None = flag(None, "Default: text (tokens for token-classification).")
     text_pair_column: str | None = flag(None, "Second text of a pair (sequence-classification).")
     label_column: str | None = flag(None, "Default: label / ner_tags where present.")
@@ -77,6 +89,7 @@ class TrainConfig:
     targets: str | None = flag(None, "A complete targets cache (absent: plain fine-tuning on --data with cross-entropy).")
     data: str | None = flag(None, "Without --targets: the dataset to fine-tune on (as for `kd teacher`).")
     split: str = flag("train", "Without --targets: the split of --data.")
+    encoding: str = flag("utf-8", "Without --targets: text encoding of --data files (as for `kd teacher`).", key=False)
     task_type: str | None = flag(None, "Without --targets: the task (with --targets it comes from the cache).",
                                  choices=tasks.NAMES)
     text_column: str | None = flag(None, "Without --targets: as for `kd teacher`.")
@@ -107,6 +120,9 @@ class TrainConfig:
     eval_targets: str | None = flag(None, "A held-out targets cache: report validation KD loss and agreement.", key=False)
     sweep: str | None = flag(None, "YAML/JSON list of overrides; trains entry --task-index into OUT/<name>.", key=False)
     task_index: int | None = flag(None, "Sweep entry (default: from SLURM/PBS/LSF/SGE array variables).", key=False)
+    fused_head: bool = flag(True, "LM students: fuse the output projection with the loss, chunk by chunk (no full "
+                                  "[positions, vocabulary] logits); the same result, less memory and time.",
+                            secondary="--no-fused-head", key=False)
     num_workers: int = flag(1, "DataLoader worker processes per rank.")
     shuffle_buffer: int | None = flag(None, "Rows kept back for shuffling across row groups (default: a row group's worth).")
     device: str = flag("auto", "cuda when present, else cpu.")
@@ -122,6 +138,7 @@ class EvalConfig:
     data: str | None = flag(None, "The labelled split's data (as for kd teacher); with --targets optional and checked "
                                   "against the cache.")
     split: str = flag("test", "Split of --data.")
+    encoding: str = flag("utf-8", "Text encoding of --data files (as for `kd teacher`).", key=False)
     targets: str | None = flag(None, "Targets cache of this split: teacher metrics and comparisons without rerunning the teacher.")
     teacher: str | None = flag(None, "Teacher model: without --targets it runs here once (cached under OUT/targets); "
                                      "with --targets it is only timed.")
@@ -185,10 +202,125 @@ def check_keys(values: dict, allowed, where: str) -> None:
 
 
 def build(cls, values: dict[str, Any], where: str):
-    """A stage config from normalised keys, refusing unknown keys and missing required ones."""
+    """A stage config from normalised keys, refusing unknown keys, missing required ones and
+    values of the wrong type; numbers given as strings ("1e-4", which YAML 1.1 reads as a
+    string) are converted."""
     check_keys(values, [f.name for f in dataclasses.fields(cls)], where)
     missing = [flag_name(f) for f in dataclasses.fields(cls)
                if f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT and f.name not in values]
     if missing:
         raise KDError(f"{where}: missing {', '.join(missing)}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return cls(**{k: _typed(fields[k], hints[k], v, where) for k, v in values.items()})
+
+
+def _typed(f: dataclasses.Field, hint, value: Any, where: str) -> Any:
+    """`value` as the type `hint` of field `f`, or a one-line refusal naming the key."""
+    name = f.name.replace("_", "-")
+    args = typing.get_args(hint)
+    if value is None and (type(None) in args or hint is Any or f.default is None):
+        return None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in args if a is not type(None))
+    want = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}.get(hint, "a value")
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise KDError(f"{where}: {name} must be a finite number, not {value}")
+        value = float(value) if ok else value
+    elif hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is list:
+        value = [value] if isinstance(value, str) else value
+        ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+    else:  # Any: a comma-separated string or a list of plain values (--labels, --student-layers)
+        ok = isinstance(value, (str, int)) and not isinstance(value, bool) \
+            or isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value)
+        want = "a string or a list"
+    if not ok:
+        raise KDError(f"{where}: {name} must be {want}, not {short(value)}")
+    if f.metadata.get("choices") and value not in f.metadata["choices"]:
+        raise KDError(f"{where}: {name} must be one of {', '.join(f.metadata['choices'])}, not {short(value)}")
+    return value
+
+
+def check_name(name: Any, where: str) -> str:
+    """A name that becomes one directory under an output (a sweep entry, a pipeline's student):
+    one path component, so that `../../x` cannot train outside the directory it belongs in."""
+    text = str(name) if isinstance(name, (str, int)) and not isinstance(name, bool) else None
+    if not text or text in (".", "..") or len(text) > 200 or any(c in text for c in "/\\") \
+            or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise KDError(f"{where}: name {short(name)} must be a plain directory name (no '/', not '..', no control "
+                      f"characters, at most 200 characters)")
+    return text
+
+
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document of `path` as Python values, refused (one line, nothing echoed) when it
+    cannot be read, is not YAML, or expands to more than MAX_YAML_NODES values."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KDError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise KDError(f"cannot read {what} {path}: {exc.strerror}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _bounded(node, path, what)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise KDError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        loader.dispose()
+
+
+def _bounded(root, path, what: str) -> None:
+    """Count the values a YAML node tree expands to, aliases counted every time they are used
+    (each distinct node is visited once, so this is linear in the document's size)."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    active: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        kids = [] if isinstance(node, yaml.ScalarNode) else \
+            [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else list(node.value)
+        if done:
+            active.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(k)] for k in kids)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise KDError(f"{what} {path} expands to more than {MAX_YAML_NODES} values through its aliases (&/*); "
+                              f"refusing it as a YAML bomb: write the values out")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in active:
+            raise KDError(f"{what} {path} has an alias inside the value it names (a recursive structure); write the values out")
+        active.add(id(node))
+        stack.append((node, True))
+        stack += [(k, False) for k in kids if id(k) not in sizes]

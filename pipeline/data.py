@@ -18,16 +18,25 @@ import pyarrow as pa
 import torch
 
 from pipeline import tasks
-from pipeline.errors import KDError
+from pipeline.errors import KDError, short
 from pipeline.fingerprint import local_data_files
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+TEXT_BUILDERS = ("json", "csv", "text")  # decoded with --encoding
 
 
-def load_split(data: str, split: str, limit: int | None = None):
-    """A `datasets.Dataset` for --data/--split, cut to the first --limit rows."""
+def load_split(data: str, split: str, limit: int | None = None, encoding: str = "utf-8"):
+    """A `datasets.Dataset` for --data/--split, cut to the first --limit rows. Text files are
+    checked against `encoding` first: pyarrow's JSON reader takes invalid bytes into a string
+    column and fails only when a row is read, long after this."""
+    import codecs
+
     import datasets
 
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise KDError(f"unknown --encoding {short(encoding)}; use a Python codec name such as utf-8 or latin-1") from None
     datasets.disable_progress_bars()
     files = local_data_files(data)
     try:
@@ -36,7 +45,12 @@ def load_split(data: str, split: str, limit: int | None = None):
             if len(exts) != 1 or next(iter(exts)) not in BUILDERS:
                 raise KDError(f"--data {data!r}: files must share one of the extensions {', '.join(BUILDERS)} (got "
                               f"{', '.join(sorted(exts))})")
-            ds = datasets.load_dataset(BUILDERS[exts.pop()], data_files={split: [str(p) for p in files]}, split=split)
+            builder = BUILDERS[exts.pop()]
+            kw = {"encoding": encoding} if builder in TEXT_BUILDERS else {}
+            if builder in TEXT_BUILDERS:
+                for p in files:
+                    check_encoding(p, encoding)
+            ds = datasets.load_dataset(builder, data_files={split: [str(p) for p in files]}, split=split, **kw)
         elif os.path.isdir(data) and any((Path(data) / f).exists() for f in ("dataset_dict.json", "state.json")):
             ds = datasets.load_from_disk(data)
             if isinstance(ds, datasets.DatasetDict):
@@ -48,13 +62,44 @@ def load_split(data: str, split: str, limit: int | None = None):
     except KDError:
         raise
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise KDError(f"cannot load --data {data!r} split {split!r}: {msg}") from None
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        msg = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
+        raise KDError(f"cannot load --data {short(data)} split {short(split)}: {msg}") from None
     if limit is not None:
         ds = ds.select(range(min(int(limit), len(ds))))
     if len(ds) == 0:
         raise KDError(f"--data {data!r} split {split!r} has no rows; point --data at a non-empty dataset")
     return ds
+
+
+def check_encoding(path: Path, encoding: str) -> None:
+    """Refuse a text file that does not decode, naming the line, the byte and the fix. Decodes in
+    4 MB blocks; only a file that fails is scanned again line by line to say where."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        return
+    except UnicodeDecodeError:
+        decoder = codecs.getincrementaldecoder(encoding)()
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError as exc:
+                raise KDError(f"--data {path}: line {n} is not valid {encoding} text (byte 0x{line[exc.start]:02x} at column "
+                              f"{exc.start + 1}); pass --encoding with the file's encoding, e.g. --encoding latin-1") from None
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise KDError(f"--data {path}: the file ends in the middle of a {encoding} character; fix the file or pass "
+                          f"--encoding with its encoding") from None
 
 
 @dataclass
@@ -100,9 +145,12 @@ class Example:
 def _label_id(value, label2id: dict, num_labels: int, row: int) -> int:
     if isinstance(value, str):
         if value not in label2id:
-            raise KDError(f"row {row}: label {value!r} is not in the model's label set ({', '.join(label2id)}); fix the data or the "
-                          f"teacher")
+            raise KDError(f"row {row}: label {short(value)} is not in the model's label set ({', '.join(list(label2id)[:20])}); "
+                          f"fix the data or the teacher")
         return int(label2id[value])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise KDError(f"row {row}: label {short(value)} is not a class id (a whole number 0..{num_labels - 1}) or a label name; "
+                      f"fix the data")
     v = int(value)
     if not 0 <= v < num_labels:
         raise KDError(f"row {row}: label {v} is outside the model's {num_labels} labels (0..{num_labels - 1}); fix the data or the teacher")
@@ -215,6 +263,9 @@ def infer_labels(dataset, column: str | None, task_type: str, given: str | list 
     values = [v for v in pc.unique(col).to_pylist() if v is not None]
     if values and all(isinstance(v, str) for v in values):
         return sorted(values)
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() for v in values):
+        bad = next(v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer())
+        raise KDError(f"--label-column {column!r}: label {short(bad)} is neither a name nor a whole-number class id; fix the data")
     ints = [int(v) for v in values if int(v) != -100]
     if not ints or min(ints) < 0:
         raise KDError(f"--label-column {column!r}: labels must be strings or integers 0..C-1 (found {sorted(set(ints))[:5]})")

@@ -38,7 +38,7 @@ def sha256_file_memo(path: Path) -> str:
         memo[key] = digest
         try:
             io.write_json(_MEMO_PATH, memo)
-        except OSError:
+        except (OSError, KDError):
             pass  # a read-only home only costs re-hashing
     return digest
 
@@ -110,10 +110,12 @@ def local_data_files(data: str) -> list[Path] | None:
 
 
 def dataset_fingerprint(data: str, split: str, columns: dict[str, str | None], rows: int,
-                        limit: int | None, hf_fingerprint: str | None) -> dict[str, Any]:
+                        limit: int | None, hf_fingerprint: str | None, encoding: str = "utf-8") -> dict[str, Any]:
     files = local_data_files(data)
     if files is not None:
         source = {"files": {str(p.name): io.sha256_file(p) for p in files}}
+        if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):  # other text from the same bytes (utf-8 keeps old keys)
+            source["encoding"] = encoding
     elif os.path.isdir(data):
         source = {"dataset_fingerprint": hf_fingerprint, "directory": True}
     else:

@@ -17,7 +17,7 @@ from pipeline.config import TeacherConfig
 from pipeline.data import Columns, load_split
 from pipeline.errors import KDError
 from pipeline.fingerprint import cache_key, dataset_fingerprint, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
-from pipeline.models import load_tokenizer
+from pipeline.models import capped_length, load_config, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -34,17 +34,17 @@ class Inputs:
     outputs: int
     fingerprints: dict
     key: str
+    max_length: int                 # --max-length, capped at what the teacher takes (models.position_limit)
     vocab_limit: int | None = None  # a padded vocabulary: outputs past the tokenizer are left out (pipeline.fit)
 
 
 def resolve_inputs(cfg: TeacherConfig) -> Inputs:
     """Resolve model, tokenizer and data, fingerprint them and derive the cache key."""
     model_dir = resolve_model_dir(cfg.model)
+    mconfig = load_config(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
-    from transformers import AutoConfig
-
-    mconfig = AutoConfig.from_pretrained(model_dir)
-    dataset = load_split(cfg.data, cfg.split, cfg.limit)
+    max_length = capped_length(cfg.max_length, mconfig, tokenizer, "the teacher")
+    dataset = load_split(cfg.data, cfg.split, cfg.limit, cfg.encoding)
     cols = Columns.resolve(dataset.column_names, cfg.task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
     if cfg.id_column and cfg.id_column not in dataset.column_names:
         raise KDError(f"--id-column {cfg.id_column!r} is not a column of the data (columns: {', '.join(dataset.column_names)})")
@@ -60,13 +60,13 @@ def resolve_inputs(cfg: TeacherConfig) -> Inputs:
         "teacher": model_fingerprint(model_dir),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dataset": dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols) | {"id": id_column},
-                                       len(dataset), cfg.limit, getattr(dataset, "_fingerprint", None)),
+                                       len(dataset), cfg.limit, getattr(dataset, "_fingerprint", None), cfg.encoding),
     }
     mask = {"seed": cfg.mask_seed, "prob": cfg.mask_prob} if task.masked else None
     key = cache_key(teacher=fps["teacher"], tokenizer=fps["tokenizer"], dataset=fps["dataset"],
-                    task_type=cfg.task_type, max_length=cfg.max_length, top_k=top_k,
+                    task_type=cfg.task_type, max_length=max_length, top_k=top_k,
                     temperature=cfg.temperature, value_dtype=cfg.value_dtype, mask=mask,
                     format_version=fmt.FORMAT_VERSION, vocab_limit=vocab_limit)
-    return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key, vocab_limit)
+    return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key, max_length, vocab_limit)
 
 

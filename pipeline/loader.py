@@ -329,6 +329,13 @@ class StreamingDataset(IterableDataset):
         per = assign(self.units, self.consumers, self.seed, epoch, self.shuffle)
         return [math.ceil(sum(u.rows for u in us) / self.batch_size) for us in per]
 
+    def expected_tags(self, epoch: int, cursor: int) -> list[tuple[int, int]]:
+        """(consumer, batch) of every batch this rank gets from `cursor` on, in the order the
+        DataLoader returns them: the trainer checks each batch against it."""
+        w = max(1, self.num_workers)
+        counts = self.consumer_batches(epoch)[self.rank * w:(self.rank + 1) * w]
+        return [(self.rank * w + wk, j) for wk, j in merged_order(counts)[cursor:]]
+
     def rank_batches(self, epoch: int) -> list[int]:
         """Micro-batches each rank yields in `epoch` (the trainer pads every rank to the max)."""
         w = max(1, self.num_workers)

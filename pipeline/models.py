@@ -7,10 +7,13 @@ teacher with missing head weights is refused.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 
 from pipeline import tasks
-from pipeline.errors import KDError
+from pipeline.errors import KDError, short
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,6 +33,57 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise KDError(f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return DTYPES[dtype]
+
+
+def load_config(path) -> object:
+    """A model's transformers config, or a one-line refusal: a config.json that is not JSON, of a
+    model type this transformers does not know, or missing."""
+    import transformers
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # ValueError (unknown model_type), OSError (no config.json), JSON errors
+        text = str(exc)
+        if "does not recognize this architecture" in text or "Unrecognized model" in text:
+            import json
+
+            try:
+                with open(f"{path}/config.json", encoding="utf-8") as fh:
+                    model_type = json.load(fh).get("model_type")
+            except (OSError, ValueError, AttributeError):
+                model_type = None
+            raise KDError(f"model {path}: config.json has model_type {short(model_type)}, which transformers "
+                          f"{transformers.__version__} does not know; fix config.json or upgrade transformers") from None
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise KDError(f"model {path}: no usable config.json ({first})") from None
+
+
+def position_limit(model_config, tokenizer=None) -> int | None:
+    """How many tokens a model takes at most: its position embeddings, or the tokenizer's limit
+    where that is up to two less (RoBERTa reserves two positions: 514 embeddings, 512 tokens); None
+    when it has no such limit. A tokenizer limit further below is not a limit of the model."""
+    limits = [getattr(model_config, n, None) for n in ("max_position_embeddings", "n_positions")]
+    limits = [int(x) for x in limits if isinstance(x, int) and not isinstance(x, bool) and 0 < x < 10_000_000]
+    if not limits:
+        return None
+    limit, tok = min(limits), getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok, int) and limit - 2 <= tok < limit:
+        return tok
+    return limit
+
+
+def capped_length(max_length: int, model_config, tokenizer, who: str) -> int:
+    """--max-length, at most the positions `who` takes: a longer row would index past its position
+    embeddings (a crash deep in the forward), so the cap is applied and said."""
+    limit = position_limit(model_config, tokenizer)
+    if limit is not None and max_length > limit:
+        from pipeline.progress import say
+
+        say(f"--max-length {max_length} is more than {who} takes ({limit} positions); using --max-length {limit}")
+        return limit
+    return max_length
 
 
 def auto_class(task_type: str):
@@ -127,3 +181,66 @@ def split_head(model, task_type: str):
             if body is not None and head is not None:
                 return body, head
     return None
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook to stop a head's forward just before its output projection."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+
+@dataclasses.dataclass
+class Projection:
+    """An LM head taken apart as ``post(linear(pre(h)))``, so that the vocabulary-sized matmul can be
+    fused with the loss (pipeline.fused_loss) instead of materialising [positions, vocabulary] logits.
+
+    `pre` is whatever the head does before its output embedding (BERT's dense + GELU + LayerNorm;
+    nothing for Llama), `linear` the output embedding itself (its weight may be tied to the input
+    embedding: the fused loss writes its gradient into the shared tensor), `logit_scale` and
+    `softcap` what split_head applies after it."""
+
+    pre: Callable
+    linear: torch.nn.Module
+    logit_scale: float | None = None
+    softcap: float | None = None
+
+    def logits(self, h):
+        z = self.linear(self.pre(h))
+        if self.logit_scale is not None:
+            z = z * self.logit_scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def projection(model, task_type: str) -> Projection | None:
+    """The head of an LM model as a Projection, when its output embedding is its last step.
+
+    Found generically: the forward of the head from split_head is stopped, by a pre-hook on the
+    model's output embedding, right where that embedding would run, which yields `pre`'s output.
+    Callers check ``Projection.logits`` against the head once, as they check the split."""
+    split = split_head(model, task_type)
+    linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if split is None or not isinstance(linear, torch.nn.Linear):
+        return None
+    head = split[1]
+    if tasks.get(task_type).lm_head == "causal":
+        return Projection(lambda h: h, linear, getattr(model.config, "logit_scale", None),
+                          getattr(model.config, "final_logit_softcapping", None))
+
+    def stop(module, args):
+        raise _Stop(args[0])
+
+    def pre(h):
+        handle = linear.register_forward_pre_hook(stop)
+        try:
+            head(h)
+        except _Stop as s:
+            return s.features
+        finally:
+            handle.remove()
+        raise KDError("the LM head never reached its output embedding")  # caught by the caller's check
+
+    return Projection(pre, linear)

@@ -8,6 +8,7 @@ distillation run exists to inform; where the teacher's number is unknown the rat
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -194,3 +195,21 @@ def _si(v: float) -> str:
         if abs(v) >= div:
             return f"{v / div:g}{suffix}"
     return f"{v:g}"
+
+
+def training_summary(metrics_path: Path) -> dict:
+    """First and last losses (means over up to 10 steps) and evaluations, from a student's metrics.jsonl:
+    what its manifest's stats and `kd slurm summary` show."""
+    steps, evals = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        (evals if rec.get("event") == "eval" else steps if "event" not in rec else []).append(rec)
+
+    def mean(recs):
+        return {k: (sum(r[k] for r in recs) / len(recs) if recs and all(r.get(k) is not None for r in recs) else None)
+                for k in ("loss", "kd", "ce")}
+
+    n = max(1, min(10, len(steps) // 4))
+    return {"initial": mean(steps[:n]), "final": mean(steps[-n:]),
+            "eval_initial": next((e for e in evals if e["step"] == 0), None),
+            "eval_final": next((e for e in reversed(evals) if e["step"] > 0), None)}

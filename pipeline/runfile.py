@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config, tasks
-from pipeline.errors import KDError
+from pipeline.errors import KDError, short
 
 TOP_KEYS = {"name", "workdir", "task_type", "data", "teacher", "targets", "students", "eval"}
 DATA_KEYS = {"train", "validation", "test", "text_column", "text_pair_column", "label_column", "id_column", "limit"}
@@ -84,18 +84,47 @@ def _build(cls, values: dict, where: str, path: Path):
         raise KDError(f"{path}: {where}: {exc}") from None
 
 
-def load(path: str | Path, workdir: str | None = None) -> Plan:
-    import yaml
+def _strings(d: dict, keys, where: str, path: Path) -> None:
+    """Values the YAML names files, columns or directories with must be strings (numbers pass as text)."""
+    for k in keys:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int, float))):
+            raise KDError(f"{path}: {where}{k} must be a string, not {short(v)}")
 
+
+def _students(entries: Any, path: Path, base: Path, work: Path, teacher_model: str, validation: bool) -> list:
+    """(name, TrainConfig) of each `students:` entry; a name is one directory under workdir/students."""
+    if not isinstance(entries or [], list):
+        raise KDError(f"{path}: students must be a list of mappings (flag: value), each with a name")
+    students = []
+    for i, s in enumerate(entries or []):
+        s = _norm(s, f"students[{i}]")
+        name = s.pop("name", None)
+        if not name:
+            raise KDError(f"{path}: students[{i}] needs a name (its output goes to workdir/students/NAME)")
+        name = config.check_name(name, f"{path}: students[{i}]")
+        _strings(s, ("student", "student_from_teacher") if s.get("student_from_teacher") is not True else ("student",),
+                 f"students[{i}].", path)
+        if s.get("student_from_teacher") is True:
+            s["student_from_teacher"] = teacher_model  # `true` means: the (fine-tuned) teacher of this pipeline
+        elif s.get("student_from_teacher"):
+            s["student_from_teacher"] = resolve_path(s["student_from_teacher"], base, f"students[{i}].student_from_teacher", path)
+        elif s.get("student"):
+            s["student"] = resolve_path(s["student"], base, f"students[{i}].student", path)
+        values = {"targets": str(work / "targets" / "train"), "out": str(work / "students" / name), **s}
+        if validation and "eval_targets" not in s:
+            values["eval_targets"] = str(work / "targets" / "validation")
+        students.append((name, _build(config.TrainConfig, values, f"students[{i}] ({name})", path)))
+    if len({n for n, _ in students}) != len(students):
+        raise KDError(f"{path}: two students share a name; names must be unique")
+    return students
+
+
+def load(path: str | Path, workdir: str | None = None) -> Plan:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise KDError(f"cannot read pipeline file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise KDError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    doc = _norm(raw, str(path))
+    doc = _norm(config.load_yaml(path, "pipeline file"), str(path))
     _check_keys(doc, TOP_KEYS, "the top level", path)
+    _strings(doc, ("name", "workdir", "task_type"), "", path)
     base = path.resolve().parent
     task_type = doc.get("task_type")
     if not task_type:
@@ -104,15 +133,17 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
 
     data = _norm(doc.get("data"), "data")
     _check_keys(data, DATA_KEYS, "data", path)
+    _strings(data, DATA_KEYS - {"limit"}, "data.", path)
     if "train" not in data:
         raise KDError(f"{path}: data.train is required (the split the teacher labels and the students learn from)")
     splits = {s: resolve_path(data[s], base, f"data.{s}", path) for s in ("train", "validation", "test") if data.get(s)}
     columns = {k: data[k] for k in ("text_column", "text_pair_column", "label_column") if data.get(k)}
     limit = data.get("limit")
-    limits = limit if isinstance(limit, dict) else {s: limit for s in splits}
+    limits = _norm(limit, "data.limit") if isinstance(limit, dict) else {s: limit for s in splits}
 
     teacher = _norm(doc.get("teacher"), "teacher")
     _check_keys(teacher, TEACHER_KEYS, "teacher", path)
+    _strings(teacher, ("model",), "teacher.", path)
     if not teacher.get("model"):
         raise KDError(f"{path}: teacher.model is required")
     teacher_model = resolve_path(teacher["model"], base, "teacher.model", path)
@@ -125,6 +156,7 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
         teacher_model = finetune.out
 
     tgt = _norm(doc.get("targets"), "targets")
+    _strings(tgt, ("cache_root",), "targets.", path)
     cache_root = tgt.pop("cache_root", None)
     cache_root = output_dir(cache_root, base) if cache_root else str(work / "caches")
     targets = {}
@@ -134,28 +166,12 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
                   "cache_root": cache_root, "out": str(work / "targets" / split)}
         targets[split] = _build(config.TeacherConfig, values, "targets", path)
 
-    students = []
-    for i, s in enumerate(doc.get("students") or []):
-        s = _norm(s, f"students[{i}]")
-        name = s.pop("name", None)
-        if not name:
-            raise KDError(f"{path}: students[{i}] needs a name (its output goes to workdir/students/NAME)")
-        if s.get("student_from_teacher") is True:
-            s["student_from_teacher"] = teacher_model  # `true` means: the (fine-tuned) teacher of this pipeline
-        elif s.get("student_from_teacher"):
-            s["student_from_teacher"] = resolve_path(s["student_from_teacher"], base, f"students[{i}].student_from_teacher", path)
-        elif s.get("student"):
-            s["student"] = resolve_path(s["student"], base, f"students[{i}].student", path)
-        values = {"targets": str(work / "targets" / "train"), "out": str(work / "students" / name), **s}
-        if "validation" in targets and "eval_targets" not in s:
-            values["eval_targets"] = str(work / "targets" / "validation")
-        students.append((name, _build(config.TrainConfig, values, f"students[{i}] ({name})", path)))
-    if len({n for n, _ in students}) != len(students):
-        raise KDError(f"{path}: two students share a name; names must be unique")
+    students = _students(doc.get("students"), path, base, work, teacher_model, "validation" in targets)
 
     evaluation = None
     if doc.get("eval") is not None:
         ev = _norm(doc.get("eval"), "eval")
+        _strings(ev, ("split",), "eval.", path)
         split = ev.pop("split", "test")
         if split not in splits:
             raise KDError(f"{path}: eval.split {split!r} is not one of the data splits ({', '.join(splits)})")

@@ -7,11 +7,17 @@ be tested on its own.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
+from pipeline import manifest
 from pipeline import metrics as M
 from pipeline import tasks
+from pipeline.errors import KDError
 
 class Tally:
     """Running sums for one model over streamed rows. Classification keeps one prediction, label
@@ -132,3 +138,33 @@ def _cached_probs(ids, vals, lse, temperature: float, n_classes: int) -> np.ndar
     else:
         return None
     return full
+
+
+# --- the rows of a cache ----------------------------------------------------------------------
+
+def cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: int = 512):
+    """The rows of a (verified) cache in order, with the teacher's per-position arrays as numpy: what
+    `Tally` scores. A shard that hashes right but does not decode is a one-line error."""
+    try:
+        yield from _read_cache_rows(cache_dir, m, limit, chunk_rows)
+    except (OSError, ValueError) as exc:  # pyarrow's errors for a shard that hashes right but does not decode
+        raise KDError(f"cache {cache_dir}: a shard cannot be read ({str(exc).splitlines()[0][:160]}); rebuild the cache") from None
+
+
+def _read_cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: int):
+    k = int(m["stats"]["top_k"])
+    for f in sorted(m["files"], key=lambda f: f["path"]):
+        for rb in pq.ParquetFile(manifest.path_of(cache_dir, f["path"])).iter_batches(batch_size=chunk_rows):
+            cols = {c: rb.column(c).to_pylist() for c in ("row", "text", "input_ids", "labels", "positions")}
+            pairs = rb.column("text_pair").to_pylist() if "text_pair" in rb.schema.names else [None] * rb.num_rows
+            ids = rb.column("topk_ids").flatten().flatten().to_numpy().reshape(-1, k)
+            vals = rb.column("topk_logits").flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+            lse = rb.column("lse").flatten().to_numpy(zero_copy_only=False)
+            ends = np.cumsum(pc.list_value_length(rb.column("positions")).to_numpy(zero_copy_only=False))
+            for i in range(rb.num_rows):
+                if limit is not None and cols["row"][i] >= limit:
+                    return
+                a, b = (ends[i - 1] if i else 0), ends[i]
+                yield {"row": cols["row"][i], "text": cols["text"][i], "text_pair": pairs[i],
+                       "input_ids": cols["input_ids"][i], "labels": cols["labels"][i],
+                       "positions": cols["positions"][i], "teacher": (ids[a:b], vals[a:b], lse[a:b])}

@@ -38,6 +38,7 @@ from pipeline.errors import KDError
 from pipeline.models import split_head
 
 FP16_MAX = 65504.0
+SPLIT_CHECK_TOKENS = 32
 
 
 class Extractor:
@@ -121,10 +122,13 @@ class Extractor:
         return torch.cat(ids_out), torch.cat(val_out), torch.cat(lse_out)
 
     def _check_split(self, input_ids, attention_mask):
-        """Compare the body+head path with the model's own forward on one row, once."""
+        """Compare the body+head path with the model's own forward on one row, once: on its first
+        SPLIT_CHECK_TOKENS tokens, because the full forward materialises several float32
+        [length, vocabulary] copies (3.4 GB for 256 tokens of a 262k vocabulary) and stage 1's
+        peak memory must not grow with --max-length; a prefix shows the composition as well."""
         self._checked = True
         body, head = self.split
-        length = int(attention_mask[0].sum())
+        length = min(int(attention_mask[0].sum()), SPLIT_CHECK_TOKENS)
         ids, mask = input_ids[:, :length], attention_mask[:, :length]
         full = self.model(input_ids=ids, attention_mask=mask).logits[0].float()
         mine = head(body(input_ids=ids, attention_mask=mask)[0][0]).float()

@@ -26,7 +26,7 @@ from pipeline import tasks
 from pipeline.errors import KDError
 from pipeline.fingerprint import model_fingerprint, resolve_model_dir
 from pipeline.fit import check_labels, default_names, label_names
-from pipeline.models import auto_class, has_tokenizer, load_tokenizer, split_head
+from pipeline.models import Projection, auto_class, has_tokenizer, load_tokenizer, projection, split_head
 
 
 def parse_layers(spec: str | Sequence[int] | None) -> list[int]:
@@ -146,6 +146,31 @@ def load_student(task_type: str, *, student: str | None = None, from_teacher: st
     return Student(model=model, tokenizer=tokenizer, init=init)
 
 
+@dataclasses.dataclass
+class Features:
+    """A language-model student's output at the target positions *before* its vocabulary-sized
+    projection: what the fused head + loss (pipeline.fused_loss) takes instead of logits."""
+
+    hidden: torch.Tensor             # [N, H], the input of the output embedding
+    weight: torch.Tensor             # [V, H] (cut to the real vocabulary of a padded one)
+    bias: torch.Tensor | None
+    logit_scale: float | None = None
+    softcap: float | None = None
+
+    def logits(self) -> torch.Tensor:
+        z = torch.nn.functional.linear(self.hidden, self.weight, self.bias)
+        if self.logit_scale is not None:
+            z = z * self.logit_scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def as_logits(out) -> torch.Tensor:
+    """Logits from what StudentForward returned (evaluation wants them whole)."""
+    return out.logits() if isinstance(out, Features) else out
+
+
 class StudentForward(nn.Module):
     """The student's logits at the target positions only.
 
@@ -155,18 +180,41 @@ class StudentForward(nn.Module):
     model composes them differently. Wrapping this module (not the bare model) in DDP keeps
     the split inside DDP's forward, so gradients are still synchronised. `vocab_limit` cuts off
     the outputs at padding ids of a padded vocabulary (see pipeline.fit).
+
+    With `fused`, a language-model student whose head takes apart as a Projection returns
+    `Features` (the projection's input and weights) instead of logits, so that the loss can form
+    the logits chunk by chunk and never hold [positions, vocabulary] of them (or their gradient).
     """
 
-    def __init__(self, model: nn.Module, task_type: str, vocab_limit: int | None = None):
+    def __init__(self, model: nn.Module, task_type: str, vocab_limit: int | None = None, fused: bool = False):
         super().__init__()
         self.model, self.task_type, self.vocab_limit = model, task_type, vocab_limit
         self.body, self.head = self._split()
+        self.projection = self._projection() if fused and self.body is not None else None
 
     def _split(self):
         split = split_head(self.model, self.task_type)
         if split is None or not self._agrees(*split):
             return None, None
         return split
+
+    @torch.no_grad()
+    def _projection(self) -> Projection | None:
+        """The head as pre -> output embedding -> scale/softcap, if that is exactly what it computes."""
+        proj = projection(self.model, self.task_type)
+        if proj is None:
+            return None
+        m, was_training = self.model, self.model.training
+        m.eval()
+        try:
+            h = torch.randn(4, int(m.config.hidden_size), generator=torch.Generator().manual_seed(0))
+            h = h.to(next(m.parameters()).device)
+            want, got = self.head(h).float(), proj.logits(h).float()
+            return proj if want.shape == got.shape and torch.allclose(want, got, atol=1e-5, rtol=1e-5) else None
+        except Exception:
+            return None
+        finally:
+            m.train(was_training)
 
     @torch.no_grad()
     def _agrees(self, body, head) -> bool:
@@ -188,8 +236,12 @@ class StudentForward(nn.Module):
 
     def forward(self, input_ids, attention_mask, b_idx, p_idx):
         if self.body is not None:
-            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask)[0]
-            logits = self.head(hidden[b_idx, p_idx])
+            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask)[0][b_idx, p_idx]
+            if self.projection is not None:
+                p, limit = self.projection, self.vocab_limit
+                bias = p.linear.bias[:limit] if p.linear.bias is not None else None
+                return Features(p.pre(hidden), p.linear.weight[:limit], bias, p.logit_scale, p.softcap)
+            logits = self.head(hidden)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             logits = logits[b_idx] if logits.dim() == 2 else logits[b_idx, p_idx]  # 2-d: one output per example

@@ -14,26 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config, jobarray
-from pipeline.errors import KDError
+from pipeline.errors import KDError, short
 
 NOT_SWEEPABLE = {"sweep", "task_index", "config"}
 
 
 def load(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KDError(f"cannot read --sweep {path}: {exc.strerror}") from None
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:
-        raise KDError(f"--sweep {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(exc).splitlines()[0]}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise KDError(f"cannot read --sweep {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise KDError(f"--sweep {path} is not valid JSON: {str(exc).splitlines()[0][:200]}") from None
+    else:
+        data = config.load_yaml(path, "--sweep")
     if isinstance(data, dict) and "students" in data:
         data = data["students"]
     if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
@@ -47,11 +43,15 @@ def select(cfg, path: str | Path, task_index: int | None):
     entries = load(path)
     allowed = {f.name for f in config.flags(type(cfg))} - NOT_SWEEPABLE | {"name"}
     names: dict[str, int] = {}
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for i, e in enumerate(entries):
-        config.check_keys(e, allowed, f"--sweep {path} entry {i}")
-        name = str(e.get("out") or e.get("name", f"{i:03d}"))
+        where = f"--sweep {path} entry {i}"
+        config.check_keys(e, allowed, where)
+        name = config.check_name(e.get("name", f"{i:03d}"), where)
+        config.build(type(cfg), {**base, **{k: v for k, v in e.items() if k != "name"}}, where)  # types, before any task runs
+        name = str(e.get("out") or name)
         if name in names:  # two array tasks would train into one directory
-            raise KDError(f"--sweep {path}: entries {names[name]} and {i} both train into {name!r}; give each entry its own name")
+            raise KDError(f"--sweep {path}: entries {names[name]} and {i} both train into {short(name)}; give each entry its own name")
         names[name] = i
     try:
         index, _ = jobarray.resolve_task(task_index, len(entries))
@@ -63,4 +63,5 @@ def select(cfg, path: str | Path, task_index: int | None):
         if not cfg.out:
             raise KDError("--sweep needs --out: each entry trains into OUT/<name>")
         entry["out"] = str(Path(cfg.out) / name)
-    return dataclasses.replace(cfg, sweep=None, task_index=None, **entry), index, name
+    built = config.build(type(cfg), {**base, **entry, "sweep": None, "task_index": None}, f"--sweep {path} entry {index}")
+    return built, index, name

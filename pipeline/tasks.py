@@ -45,7 +45,7 @@ def _positions_first_subtoken(encoder, ex, label, enc, i) -> None:
         seen.add(w)
         if label is None:  # a transfer-set row: every word carries a (soft) target
             ex.positions.append(pos)
-        elif isinstance(label[w], str) or int(label[w]) != IGNORE_INDEX:  # -100: word has no label
+        elif isinstance(label[w], str) or label[w] != IGNORE_INDEX:  # -100: word has no label
             labels[pos] = encoder.label_id(label[w], ex.row)
             ex.positions.append(pos)
     ex.labels = labels if label is not None else None

@@ -25,7 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline import io
+from pipeline.fused_loss import fused_cross_entropy, fused_distillation_loss
 from pipeline.losses import distillation_loss, kd_loss_sum
+from pipeline.students import Features, as_logits
 
 
 @dataclasses.dataclass
@@ -108,11 +111,22 @@ def _dummy(device) -> dict:
     return {"input_ids": one, "attention_mask": one, "b_idx": zero, "p_idx": zero}
 
 
-def micro_loss(logits, batch: dict, obj: Objective, positions: int, labelled: int) -> dict:
+def micro_loss(out, batch: dict, obj: Objective, positions: int, labelled: int) -> dict:
+    """The micro-batch's share of the step's objective, from logits or, for a fused LM head, from
+    the `Features` before the projection (same value and gradients, no [N, V] tensors)."""
+    if isinstance(out, Features):
+        head = (out.hidden, out.weight, out.bias)
+        scale = {"logit_scale": out.logit_scale, "softcap": out.softcap}
+        if not obj.targets:
+            ce = fused_cross_entropy(*head, batch["hard"], num_labelled=labelled, **scale)
+            return {"loss": ce, "kd": None, "ce": ce.detach()}
+        return fused_distillation_loss(*head, batch["topk_ids"], batch["topk_logits"], batch["lse"], batch["hard"],
+                                       alpha=obj.alpha, loss=obj.loss, cache_temperature=obj.cache_temperature,
+                                       temperature=obj.temperature, num_positions=positions, num_labelled=labelled, **scale)
     if not obj.targets:
-        ce = F.cross_entropy(logits.float(), batch["hard"], ignore_index=-100, reduction="sum") / max(labelled, 1)
+        ce = F.cross_entropy(out.float(), batch["hard"], ignore_index=-100, reduction="sum") / max(labelled, 1)
         return {"loss": ce, "kd": None, "ce": ce.detach()}
-    return distillation_loss(logits, batch["topk_ids"], batch["topk_logits"], batch["lse"], batch["hard"],
+    return distillation_loss(out, batch["topk_ids"], batch["topk_logits"], batch["lse"], batch["hard"],
                              alpha=obj.alpha, loss=obj.loss, cache_temperature=obj.cache_temperature,
                              temperature=obj.temperature, num_positions=positions, num_labelled=labelled)
 
@@ -135,12 +149,12 @@ def train_step(model, micro: list[dict | None], obj: Objective, d: Dist, device,
             with autocast():
                 if mb is None:
                     b = _dummy(device)
-                    loss = model(b["input_ids"], b["attention_mask"], b["b_idx"], b["p_idx"]).float().sum() * 0.0
+                    loss = as_logits(model(b["input_ids"], b["attention_mask"], b["b_idx"], b["p_idx"])).float().sum() * 0.0
                     out = None
                 else:
                     b = to_device(mb, device)
-                    logits = model(b["input_ids"], b["attention_mask"], b["b_idx"], b["p_idx"])
-                    out = micro_loss(logits, b, obj, positions, labelled)
+                    outputs = model(b["input_ids"], b["attention_mask"], b["b_idx"], b["p_idx"])
+                    out = micro_loss(outputs, b, obj, positions, labelled)
                     loss = out["loss"]
             loss = loss * d.world_size
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -164,7 +178,7 @@ def evaluate(model, loader, obj: Objective, d: Dist, device, autocast) -> dict:
         for mb in loader:
             b = to_device(mb, device)
             with autocast():
-                logits = model(b["input_ids"], b["attention_mask"], b["b_idx"], b["p_idx"])
+                logits = as_logits(model(b["input_ids"], b["attention_mask"], b["b_idx"], b["p_idx"]))
             kd_sum += float(kd_loss_sum(logits, b["topk_ids"], b["topk_logits"], b["lse"], loss=obj.loss,
                                         cache_temperature=obj.cache_temperature, temperature=obj.temperature))
             agree += float((logits.argmax(-1) == b["topk_ids"][:, 0].long()).sum())
@@ -192,8 +206,11 @@ class MetricsLog:
                 at_resume = rec.get("event") == "epoch" and rec.get("step") == resume_step and resume_step > 0
                 if rec.get("step", 0) <= resume_step and not at_resume:
                     keep.append(line)
-            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        self.fh = open(self.path, "a", encoding="utf-8") if enabled else None
+            io.write_text(self.path, "".join(k + "\n" for k in keep))
+        self.fh = None
+        if enabled:  # O_NOFOLLOW: a symlink planted at metrics.jsonl is refused, never written through
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self.fh = os.fdopen(os.open(self.path, flags, 0o666), "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
         if self.fh is not None:

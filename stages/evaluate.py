@@ -15,10 +15,7 @@ import itertools
 import os
 from pathlib import Path
 
-import numpy as np
 import polars as pl
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from pipeline import costs, io, manifest, report, scoring, tasks
@@ -28,7 +25,7 @@ from pipeline.data import Columns, Encoder, load_split, pad_id
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, local_data_files, model_fingerprint, resolve_model_dir
 from pipeline.fit import check_labels, fit
-from pipeline.models import has_tokenizer, load_model, load_tokenizer, pick_device, pick_dtype
+from pipeline.models import capped_length, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, pick_dtype
 from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
 
@@ -69,7 +66,7 @@ class Split:
 
     def rows(self):
         """A fresh pass over the cache's rows (one per model)."""
-        return _cache_rows(self.cache_dir, self.cache, self.limit)
+        return scoring.cache_rows(self.cache_dir, self.cache, self.limit, CHUNK_ROWS)
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -77,9 +74,10 @@ def run(cfg: EvalConfig) -> dict:
         raise KDError("name at least one model to evaluate: --model DIR (repeat it for several)")
     if cfg.batch_size < 1 or cfg.timing_examples < 0:
         raise KDError("--batch-size must be at least 1 and --timing-examples at least 0")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise KDError(f"--max-length must be at least 2 (room for the special tokens), got {cfg.max_length}")
     out = Path(cfg.out)
     StageOutput(out, "evaluation", "").refuse_other_kind()  # before a teacher runs into OUT/targets
-    out.mkdir(parents=True, exist_ok=True)
     students = [_candidate(p) for p in cfg.model]
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -117,15 +115,15 @@ def run(cfg: EvalConfig) -> dict:
 
     # 5. Outputs; manifest.json last, so a directory that has one is complete.
     rows = report.relative(rows)
-    output.claim({"config": recorded(cfg), "fingerprints": fps, "upstream": _upstream(split, students)})
-    report.write_metrics(out / "metrics.parquet", rows)
-    report.plot(out / "plot.png", rows, split.task_type)
-    io.write_text(out / "report.md", report.markdown(rows, split.task_type, _header(cfg, split, names, rows, device, dtype),
-                                                     notes, "plot.png"))
-    files = [{**f, "rows": len(rows) if f["path"] == "metrics.parquet" else None} for f in output.file_records(OUTPUTS)]
-    output.complete(files, {"task_type": split.task_type, "models": len(rows), "rows": rows[0]["rows"] if rows else 0,
-                            "device": str(device), "dtype": str(dtype), "torch_threads": torch.get_num_threads(),
-                            "summary": [{"name": r["name"], "role": r["role"], r["metric"]: r["value"]} for r in rows]})
+    with output.claimed({"config": recorded(cfg), "fingerprints": fps, "upstream": _upstream(split, students)}):
+        report.write_metrics(out / "metrics.parquet", rows)
+        report.plot(out / "plot.png", rows, split.task_type)
+        io.write_text(out / "report.md", report.markdown(rows, split.task_type, _header(cfg, split, names, rows, device, dtype),
+                                                         notes, "plot.png"))
+        files = [{**f, "rows": len(rows) if f["path"] == "metrics.parquet" else None} for f in output.file_records(OUTPUTS)]
+        output.complete(files, {"task_type": split.task_type, "models": len(rows), "rows": rows[0]["rows"] if rows else 0,
+                                "device": str(device), "dtype": str(dtype), "torch_threads": torch.get_num_threads(),
+                                "summary": [{"name": r["name"], "role": r["role"], r["metric"]: r["value"]} for r in rows]})
     say(f"wrote {out / 'report.md'}, {out / 'metrics.parquet'}, {out / 'plot.png'} and {out / manifest.MANIFEST}")
     return {"out": str(out), "report": str(out / "report.md"), "metrics": str(out / "metrics.parquet"),
             "plot": str(out / "plot.png"), "table": report.table(rows, split.task_type), "rows": len(rows)}
@@ -144,7 +142,7 @@ def _split(cfg: EvalConfig, out: Path, students: list, notes: list[str]) -> Spli
                      min(stats["total_rows"], cfg.limit or stats["total_rows"]), cache, cache_dir, limit=cfg.limit)
     if not cfg.data:
         raise KDError("say what to evaluate on: --data (with --split), or --targets CACHE")
-    dataset = load_split(cfg.data, cfg.split, cfg.limit)
+    dataset = load_split(cfg.data, cfg.split, cfg.limit, cfg.encoding)
     cols = Columns.resolve(dataset.column_names, task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
     if tasks.get(task_type).classification and cols.label is None:
         raise KDError(f"--data {cfg.data!r} has no label column for {task_type}; name it with --label-column")
@@ -170,7 +168,7 @@ def _score_teacher(cfg: EvalConfig, split: Split, name: str, path: str, notes: l
 def _score_student(cfg: EvalConfig, split: Split, c: Candidate, device, dtype) -> dict:
     """Stream the rows through the student in length-sorted batches, then time it on the first rows it read."""
     model = load_model(str(c.path), split.task_type, dtype=dtype, device=device)
-    max_length = _max_len(c, split.max_length)
+    max_length = capped_length(split.max_length, c.config, c.tokenizer, f"--model {c.path}")
     source = split.rows() if c.view != "own" else _split_rows(split.dataset, Encoder(
         c.tokenizer, split.task_type, split.cols, max_length, {v: k for k, v in _labels(c.config).items()},
         c.config.num_labels, cfg.mask_seed, cfg.mask_prob, cfg.id_column))
@@ -209,7 +207,7 @@ def _run_teacher(cfg: EvalConfig, out: Path, task_type: str) -> Path:
         raise KDError("--teacher without --targets needs --data: the teacher runs on that split here")
     say(f"no --targets: running the teacher once on {cfg.data} [{cfg.split}] into {out / 'targets'}")
     return Path(run_teacher(TeacherConfig(
-        model=cfg.teacher, data=cfg.data, split=cfg.split, task_type=task_type, out=str(out / "targets"),
+        model=cfg.teacher, data=cfg.data, split=cfg.split, encoding=cfg.encoding, task_type=task_type, out=str(out / "targets"),
         text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
         id_column=cfg.id_column, max_length=cfg.max_length or 512, top_k=cfg.top_k, temperature=1.0, dtype=cfg.dtype,
         mask_seed=cfg.mask_seed, mask_prob=cfg.mask_prob, task_index=0, num_tasks=1, limit=cfg.limit,
@@ -241,26 +239,6 @@ def _cost(model, model_dir: Path, sample: list[list[int]], pad: int, cfg: EvalCo
 
 # --- reading the rows ------------------------------------------------------------------------
 
-def _cache_rows(cache_dir: Path, m: dict, limit: int | None):
-    """The cache's rows in order, with the teacher's per-position arrays as numpy."""
-    k = int(m["stats"]["top_k"])
-    for f in sorted(m["files"], key=lambda f: f["path"]):
-        for rb in pq.ParquetFile(cache_dir / f["path"]).iter_batches(batch_size=CHUNK_ROWS):
-            cols = {c: rb.column(c).to_pylist() for c in ("row", "text", "input_ids", "labels", "positions")}
-            pairs = rb.column("text_pair").to_pylist() if "text_pair" in rb.schema.names else [None] * rb.num_rows
-            ids = rb.column("topk_ids").flatten().flatten().to_numpy().reshape(-1, k)
-            vals = rb.column("topk_logits").flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-            lse = rb.column("lse").flatten().to_numpy(zero_copy_only=False)
-            ends = np.cumsum(pc.list_value_length(rb.column("positions")).to_numpy(zero_copy_only=False))
-            for i in range(rb.num_rows):
-                if limit is not None and cols["row"][i] >= limit:
-                    return
-                a, b = (ends[i - 1] if i else 0), ends[i]
-                yield {"row": cols["row"][i], "text": cols["text"][i], "text_pair": pairs[i],
-                       "input_ids": cols["input_ids"][i], "labels": cols["labels"][i],
-                       "positions": cols["positions"][i], "teacher": (ids[a:b], vals[a:b], lse[a:b])}
-
-
 def _split_rows(dataset, encoder: Encoder):
     for s0 in range(0, len(dataset), CHUNK_ROWS):
         for ex in encoder.encode(dataset[s0:s0 + CHUNK_ROWS], s0):
@@ -282,8 +260,6 @@ def _retokenize(window: list[dict], tokenizer, max_length: int) -> list[dict]:
 # --- checks ----------------------------------------------------------------------------------
 
 def _candidate(path: str) -> Candidate:
-    from transformers import AutoConfig
-
     d = Path(path)
     if not d.is_dir():
         raise KDError(f"--model {path}: not a directory; pass a model directory (save_pretrained or kd train output)")
@@ -292,10 +268,10 @@ def _candidate(path: str) -> Candidate:
         m = manifest.read_manifest(d)
         if m.get("kind") != "student":
             raise KDError(f"--model {path} holds a {m.get('kind')!r} output, not a model; pass a student directory")
-    try:
-        config = AutoConfig.from_pretrained(d)
-    except Exception as exc:
-        raise KDError(f"--model {path}: no usable config.json ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        problems = manifest.verify_files(d, m)  # its weights, as trained: a flipped bit must not become a score
+        if problems:
+            raise KDError(f"--model {path} is damaged ({problems[0]}); retrain it or restore its files")
+    config = load_config(d)
     tok = load_tokenizer(str(d)) if has_tokenizer(d) else None
     return Candidate(d, d.name or str(d), config, tok, m)
 
@@ -345,17 +321,20 @@ def _fit_own(c: Candidate, task_type: str, id2label: dict) -> str:
 
 def _open_cache(cache_dir: Path, cfg: EvalConfig) -> dict:
     """The cache's manifest, once it is complete, intact in its listing, and of this data and split."""
-    m = manifest.read_manifest(cache_dir, kind="targets")
+    m = manifest.read_cache(cache_dir)
     stats, conf = m["stats"], m["config"]
-    gone = [f["path"] for f in m["files"] if not (cache_dir / f["path"]).exists()]
+    gone = [f["path"] for f in m["files"] if not manifest.path_of(cache_dir, f["path"]).exists()]
     if gone:
         raise KDError(f"cache {cache_dir} is damaged ({gone[0]} is missing); run `kd verify {cache_dir}` and rebuild it")
+    problems = manifest.verify_files(cache_dir, m)  # sizes and sha256: a flipped bit must not become a score
+    if problems:
+        raise KDError(f"cache {cache_dir} is damaged ({problems[0]}); run `kd verify {cache_dir}` and rebuild it")
     listed = sum(f["rows"] for f in m["files"])
     if listed != stats["total_rows"]:
         raise KDError(f"cache {cache_dir} is incomplete: its shards hold {listed} of {stats['total_rows']} rows; rerun its missing tasks")
     pair = (conf.get("columns") or {}).get("text_pair") is not None
     for f in m["files"]:
-        fmt.check_shard(cache_dir / f["path"], stats["task_type"], stats["value_dtype"], pair, m["key"])
+        fmt.check_shard(manifest.path_of(cache_dir, f["path"]), stats["task_type"], stats["value_dtype"], pair, m["key"])
     if cfg.split != conf["split"]:
         raise KDError(f"--split {cfg.split} but the cache {cache_dir} holds split {conf['split']!r}; pass --split {conf['split']} or the "
                       f"cache of split {cfg.split}")
@@ -390,10 +369,6 @@ def _teacher_dir(cfg: EvalConfig, cache: dict, cache_dir: Path, notes: list[str]
     return d
 
 
-def _max_len(c: Candidate, max_length: int) -> int:
-    return min(max_length, getattr(c.config, "max_position_embeddings", None) or max_length)
-
-
 def _eval_key(cfg, students, split: Split) -> tuple[str, dict]:
     """The key of everything that decides the results: settings, model weights, rows."""
     config = result_settings(cfg)
@@ -403,7 +378,7 @@ def _eval_key(cfg, students, split: Split) -> tuple[str, dict]:
         fps.update(teacher=cache["fingerprints"]["teacher"], dataset=cache["fingerprints"]["dataset"])
     else:
         fps["dataset"] = dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(split.cols), len(split.dataset),
-                                             cfg.limit, getattr(split.dataset, "_fingerprint", None))
+                                             cfg.limit, getattr(split.dataset, "_fingerprint", None), cfg.encoding)
     key = io.sha256_bytes(io.canonical_json({"config": config, "fingerprints": fps,
                                              "targets": cache and cache["key"]}).encode())
     return key, fps

@@ -67,7 +67,9 @@ def demo(workdir: str = "runs/demo", quick: bool = False, progress: bool = True)
 
     if not DEMO_YAML.exists():
         raise KDError(f"the demo pipeline {DEMO_YAML} is missing: run kd demo from a checkout (pip install -e .)")
-    doc = yaml.safe_load(DEMO_YAML.read_text(encoding="utf-8"))
+    from pipeline.config import load_yaml
+
+    doc = load_yaml(DEMO_YAML, "the demo pipeline")
     base = DEMO_YAML.parent
     for split, file in doc["data"].items():
         if split in ("train", "validation", "test"):

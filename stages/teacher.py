@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -46,9 +47,12 @@ def run(cfg: TeacherConfig) -> dict:
 
     # 1. Inputs, their fingerprints and the cache key (no teacher forward, no weights loaded).
     inp = resolve_inputs(cfg)
+    cfg = dataclasses.replace(cfg, max_length=inp.max_length)  # capped at the teacher's positions
 
     # 2. Where the cache lives; a complete cache with this key means no teacher work at all.
     out = Path(cfg.cache_root) / inp.key if cfg.cache_root else Path(cfg.out)
+    if cfg.cache_root and out.is_symlink():  # the root holds kd's own directories: this one was planted
+        raise KDError(f"{out} is a symlink; a --cache-root holds real directories only: remove it and rerun")
     if cfg.cache_root and cfg.out:
         io.replace_symlink(cfg.out, out)
     output = StageOutput(out, "targets", inp.key, num_tasks)
@@ -57,27 +61,27 @@ def run(cfg: TeacherConfig) -> dict:
         return {"out": str(out), "key": inp.key, "reused": True}
     plan = _plan(cfg, inp)
     if (out / manifest.PLAN).exists() and task_index in manifest.done_tasks(out):
-        output.claim(plan)  # refuses a directory of another cache
-        say(f"task {task_index}/{num_tasks} is already complete in {out}; nothing to do")
+        with output.claimed(plan, task_index):  # refuses a directory of another cache
+            say(f"task {task_index}/{num_tasks} is already complete in {out}; nothing to do")
         return _finish(output, task_index)
 
     # 3. The teacher, then the claim: nothing is written before the weights have loaded.
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model = load_model(str(inp.model_dir), cfg.task_type, dtype=dtype, device=device)  # refuses a headless teacher
-    output.claim(plan)
-    _save_tokenizer(inp.tokenizer, out / "tokenizer")
-    _clean_own_temporaries(out, task_index)
-
-    # 4. This task's rows, shard by shard; its completion record last.
     start, stop = jobarray.row_range(task_index, num_tasks, len(inp.dataset))
-    t_loop = time.monotonic()
-    records, stats = _extract(cfg, inp, model, device, out, task_index, num_tasks, (start, stop))
-    stats["loop_seconds"] = round(time.monotonic() - t_loop, 3)  # tokenise + teacher + write: what bench_teacher times
-    output.task_done(task_index, {
-        "row_range": [start, stop], "files": [{**r, "path": f"shards/{r['path']}"} for r in records],
-        "stats": stats, "wall_seconds": round(time.monotonic() - t_start, 3), "device": str(device), "dtype": str(dtype),
-    })
+    with output.claimed(plan, task_index):
+        _save_tokenizer(inp.tokenizer, out / "tokenizer")
+        _clean_own_leftovers(out, task_index, _shard_count(cfg, stop - start))
+
+        # 4. This task's rows, shard by shard; its completion record last.
+        t_loop = time.monotonic()
+        records, stats = _extract(cfg, inp, model, device, out, task_index, num_tasks, (start, stop))
+        stats["loop_seconds"] = round(time.monotonic() - t_loop, 3)  # tokenise + teacher + write: what bench_teacher times
+        output.task_done(task_index, {
+            "row_range": [start, stop], "files": [{**r, "path": f"shards/{r['path']}"} for r in records],
+            "stats": stats, "wall_seconds": round(time.monotonic() - t_start, 3), "device": str(device), "dtype": str(dtype),
+        })
     say(f"task {task_index}/{num_tasks}: rows {start}..{stop} -> {len(records)} shard(s), "
         f"{stats['positions']} positions, {stats['bytes']} bytes")
     return _finish(output, task_index)
@@ -85,10 +89,18 @@ def run(cfg: TeacherConfig) -> dict:
 
 def _check(cfg: TeacherConfig) -> None:
     tasks.get(cfg.task_type)
-    if cfg.temperature <= 0:
-        raise KDError(f"--temperature must be positive, got {cfg.temperature}")
+    if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
+        raise KDError(f"--temperature must be a positive finite number, got {cfg.temperature}")
     if cfg.top_k < 1:
         raise KDError(f"--top-k must be at least 1, got {cfg.top_k}")
+    if cfg.max_length < 2:
+        raise KDError(f"--max-length must be at least 2 (room for the special tokens), got {cfg.max_length}")
+    if not (math.isfinite(cfg.mask_prob) and 0.0 < cfg.mask_prob <= 1.0):
+        raise KDError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
+    for name in ("batch_tokens", "shard_rows"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise KDError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not cfg.out and not cfg.cache_root:
         raise KDError("say where the cache goes: --out DIR or --cache-root DIR")
 
@@ -231,10 +243,21 @@ def _record_of(path: Path) -> dict:
             "collect_seconds": 0.0, "write_seconds": 0.0, "span": None}
 
 
-def _clean_own_temporaries(out: Path, task_index: int) -> None:
-    """Remove this task's leftovers only: other array tasks may be writing right now."""
+def _shard_count(cfg: TeacherConfig, rows: int) -> int:
+    return -(-rows // (cfg.shard_rows or tasks.get(cfg.task_type).default_shard_rows(cfg.max_length)))
+
+
+def _clean_own_leftovers(out: Path, task_index: int, shards: int) -> None:
+    """Remove this task's leftovers only (other array tasks may be writing right now): the
+    temporaries of a killed run, and shards its plan does not own -- an interrupted run with
+    another --shard-rows cut the rows into other shards, and `pq.read_table(OUT/shards)`
+    would read both."""
     for pattern in (f"shards/{io.TMP_MARK}*-{task_index:05d}-*", f"tasks/{io.TMP_MARK}*-{task_index:05d}.json"):
         for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
+    own = {f"{task_index:05d}-{j:05d}.parquet" for j in range(shards)}
+    for p in out.glob(f"shards/{task_index:05d}-*.parquet"):
+        if p.name not in own:
             p.unlink(missing_ok=True)
 
 

@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, io, manifest, sweep, tasks
+from pipeline import checkpoint, io, manifest, report, sweep, tasks
 from pipeline.config import TrainConfig, recorded, result_settings
 from pipeline.data import Columns, Encoder, encode_table, infer_labels, load_split, pad_id
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, tokenizer_fingerprint
 from pipeline.fit import Fit, cache_labels, fit
-from pipeline.loader import Collate, ParquetSource, StreamingDataset, TableSource, merged_order, unskipped, verify_shards
+from pipeline.loader import Collate, ParquetSource, StreamingDataset, TableSource, unskipped, verify_shards
 from pipeline.losses import LOSSES
-from pipeline.models import load_tokenizer, pick_device, pick_dtype
+from pipeline.models import capped_length, load_tokenizer, pick_device, pick_dtype
 from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
 from pipeline.students import StudentForward, load_student
@@ -102,15 +102,27 @@ def _train(cfg: TrainConfig, d) -> dict:
     key = io.sha256_bytes(io.canonical_json({"config": settings, "inputs": setup.inputs,
                                              "init": setup.student.init}).encode())
     config = {**recorded(cfg), **settings}
-    output = StageOutput(out, "student", key)
+    output = StageOutput(out, "student", key, lock=d.rank == 0)
     if output.existing() is not None:
+        if d.rank == 0:
+            _tidy_finished(out)
         say(f"{out} already holds this student (key {key[:12]}); nothing to do")
         return {"out": str(out), "key": key, "complete": True, "reused": True}
-    output.claim({"config": config, "upstream": setup.upstream, "init": setup.student.init, "mode": setup.fit.mode,
-                  "fingerprints": {"tokenizer": tokenizer_fingerprint(setup.tokenizer)}})
-    if d.rank == 0:
-        checkpoint.clean(out)
-    d.barrier()
+    checkpoint.check_config(out, key, settings)  # a checkpoint of other settings is never resumed
+    plan = {"config": config, "settings": settings, "upstream": setup.upstream, "init": setup.student.init,
+            "mode": setup.fit.mode, "fingerprints": {"tokenizer": tokenizer_fingerprint(setup.tokenizer)}}
+    with output.claimed(plan):
+        if d.rank == 0:
+            checkpoint.clean(out)
+        d.barrier()
+        return _fit(cfg, d, setup, output, {"key": key, "settings": settings}, (device, amp_dtype), t_start)
+
+
+def _fit(cfg: TrainConfig, d, setup: Setup, output: StageOutput, ident: dict, where: tuple, t_start: float) -> dict:
+    """Steps 3 to 6 of a claimed output: loader, model and optimizer (or the newest checkpoint),
+    the training loop, then the student, its tokenizer and the manifest."""
+    out, key = output.out, ident["key"]
+    device, amp_dtype = where
 
     # 3. The streaming loader: this rank's disjoint share of the rows, reshuffled every epoch.
     data = StreamingDataset(setup.source, setup.collate, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer,
@@ -122,7 +134,7 @@ def _train(cfg: TrainConfig, d) -> dict:
     eval_loader = _eval_loader(cfg, d, setup) if cfg.eval_targets else None
 
     # 4. Model, optimizer, schedule; then the newest checkpoint, if any, replaces all of them.
-    model = StudentForward(setup.student.model, setup.task_type, setup.fit.vocab_limit).to(device)
+    model = StudentForward(setup.student.model, setup.task_type, setup.fit.vocab_limit, fused=cfg.fused_head).to(device)
     model.train()
     total = cfg.max_steps or sum(math.ceil(max(data.rank_batches(e)) / cfg.grad_accum) for e in range(cfg.epochs))
     if total < 1:
@@ -135,6 +147,10 @@ def _train(cfg: TrainConfig, d) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else contextlib.nullcontext
     parts = Parts(model, train_model, optimizer, scheduler, scaler, device, autocast)
+    if d.rank == 0:
+        io.refuse_symlink(out / "metrics.jsonl")
+        if state["step"] == 0:  # a run from the start starts a fresh log: a killed attempt's lines would repeat
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     log = MetricsLog(out / "metrics.jsonl", d.rank == 0, state["step"])
     if eval_loader is not None and state["step"] == 0:
         log.write({"event": "eval", "step": 0, **evaluate(model, eval_loader, setup.objective, d, device, autocast)})
@@ -142,7 +158,7 @@ def _train(cfg: TrainConfig, d) -> dict:
     # 5. Train.
     first_step = state["step"]
     t_train = time.monotonic()
-    seen_positions = _loop(cfg, d, data, loader, parts, setup, state, total, log, key, out)
+    seen_positions = _loop(cfg, d, data, loader, parts, setup, state, total, log, ident, out)
     train_seconds = time.monotonic() - t_train
     final_eval = evaluate(model, eval_loader, setup.objective, d, device, autocast) if eval_loader is not None else None
     if final_eval:
@@ -153,7 +169,7 @@ def _train(cfg: TrainConfig, d) -> dict:
     # 6. The student, its tokenizer and the manifest (written last: it marks the output complete).
     step = state["step"]
     if d.rank == 0:
-        stats = _summary(out / "metrics.jsonl")
+        stats = report.training_summary(out / "metrics.jsonl")
         stats.update(steps=step, epochs_completed=state["epoch"], world_size=d.world_size, device=str(device),
                      dtype=str(amp_dtype), wall_seconds=round(time.monotonic() - t_start, 3),
                      train_seconds=round(train_seconds, 3), resumed_from_step=first_step or None,
@@ -163,7 +179,7 @@ def _train(cfg: TrainConfig, d) -> dict:
         say(f"student written to {out}: {step} steps, final loss {stats['final'].get('loss')}")
     d.barrier()
     return {"out": str(out), "key": key, "complete": True, "reused": False, "steps": step,
-            "final": _summary(out / "metrics.jsonl")["final"] if d.rank == 0 else None,
+            "final": report.training_summary(out / "metrics.jsonl")["final"] if d.rank == 0 else None,
             "eval": final_eval, "wall_seconds": round(time.monotonic() - t_start, 3)}
 
 
@@ -185,10 +201,13 @@ def _from_cache(cfg: TrainConfig, d) -> Setup:
         say(f"warning: training at T={temperature} but the cache holds T={cache_t}: the teacher's tail mass is "
             f"only known at T={cache_t}, so the loss uses the renormalised top-{stats['top_k']} and is approximate")
     text_pair = bool((cache["config"].get("columns") or {}).get("text_pair"))
-    source = ParquetSource([Path(cfg.targets) / f["path"] for f in cache["files"]], task_type,
+    source = ParquetSource([manifest.path_of(Path(cfg.targets), f["path"]) for f in cache["files"]], task_type,
                            stats["value_dtype"], text_pair, cache["key"])
-    collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if retokenize else None,
-                      int(cache["config"].get("max_length", 512)))
+    max_length = int(cache["config"].get("max_length", 512))
+    if retokenize:  # the student's own tokenizer: at most the positions the student takes
+        max_length = capped_length(max_length, student.model.config, student.tokenizer,
+                                   f"student {cfg.student or cfg.student_from_teacher}")
+    collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if retokenize else None, max_length)
     return Setup(task_type, student, student.tokenizer if retokenize else cache_tok, how,
                  Objective(cfg.alpha, cfg.loss, cache_t, temperature, targets=True), source, collate, text_pair, cache,
                  [{"kind": "targets", "path": str(Path(cfg.targets).resolve()), "key": cache["key"]}],
@@ -198,7 +217,7 @@ def _from_cache(cfg: TrainConfig, d) -> Setup:
 def _from_data(cfg: TrainConfig) -> Setup:
     """Stage 0, plain fine-tuning: the dataset tokenised by the student's own tokenizer, cross-entropy only."""
     task_type = cfg.task_type
-    dataset = load_split(cfg.data, cfg.split, cfg.limit)
+    dataset = load_split(cfg.data, cfg.split, cfg.limit, cfg.encoding)
     cols = Columns.resolve(dataset.column_names, task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column)
     labels = infer_labels(dataset, cols.label, task_type, cfg.labels)
     student = load_student(task_type, student=cfg.student, from_teacher=cfg.student_from_teacher,
@@ -208,9 +227,10 @@ def _from_data(cfg: TrainConfig) -> Setup:
     if tokenizer is None:
         raise KDError(f"student {cfg.student or cfg.student_from_teacher} has no tokenizer; fine-tuning on --data needs one")
     label2id = {n: i for i, n in enumerate(labels or [])}
-    encoder = Encoder(tokenizer, task_type, cols, cfg.max_length, label2id, len(labels or []), mask_seed=cfg.seed)
+    max_length = capped_length(cfg.max_length, student.model.config, tokenizer, f"student {cfg.student or cfg.student_from_teacher}")
+    encoder = Encoder(tokenizer, task_type, cols, max_length, label2id, len(labels or []), mask_seed=cfg.seed)
     fp = dataset_fingerprint(cfg.data, cfg.split, dataclasses.asdict(cols), len(dataset), cfg.limit,
-                             getattr(dataset, "_fingerprint", None))
+                             getattr(dataset, "_fingerprint", None), cfg.encoding)
     return Setup(task_type, student, tokenizer, Fit("ids"), Objective(0.0, cfg.loss, 1.0, 1.0, targets=False),
                  TableSource(encode_table(dataset, encoder)), Collate(task_type, pad_id(tokenizer), False),
                  bool(cfg.text_pair_column), None, [], {"data": fp["sha256"]})
@@ -249,7 +269,7 @@ def _resume(out: Path, d, model, optimizer, scheduler, scaler) -> dict:
 
 
 def _loop(cfg: TrainConfig, d, data: StreamingDataset, loader, p: Parts, setup: Setup, state: dict, total: int, log,
-          key: str, out: Path) -> int:
+          ident: dict, out: Path) -> int:
     """Optimizer steps of --grad-accum micro-batches until `total`, checkpointing every --save-every;
     `state` (step, epoch, batches into it, rows) advances in place. Returns the positions seen."""
     progress = Progress(total - state["step"], f"train {out.name}", unit="steps", enabled=cfg.progress and d.rank == 0)
@@ -259,7 +279,7 @@ def _loop(cfg: TrainConfig, d, data: StreamingDataset, loader, p: Parts, setup: 
         if state["batches"] < longest:
             data.set_epoch(state["epoch"], state["batches"])
             stream = unskipped(iter(loader))
-            expected = iter(_expected_tags(data, state["epoch"], state["batches"]))
+            expected = iter(data.expected_tags(state["epoch"], state["batches"]))
         while state["batches"] < longest and state["step"] < total:
             micro = [next(stream, None) for _ in range(min(cfg.grad_accum, longest - state["batches"]))]
             state["batches"] += len(micro)
@@ -281,7 +301,7 @@ def _loop(cfg: TrainConfig, d, data: StreamingDataset, loader, p: Parts, setup: 
             progress.update(1)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
                 checkpoint.save(out, state["step"], {"epoch": state["epoch"], "batches": state["batches"],
-                                                     "rows_in_epoch": state["rows_in_epoch"], "key": key},
+                                                     "rows_in_epoch": state["rows_in_epoch"], **ident},
                                 model=p.model.model.state_dict(), optimizer=p.optimizer.state_dict(),
                                 scheduler=p.scheduler.state_dict(), extra={"scaler": p.scaler.state_dict()} if p.scaler else None)
         if state["batches"] >= longest:  # an epoch ends (also when resumed exactly at its end)
@@ -299,11 +319,21 @@ def _save_student(output: StageOutput, setup: Setup, stats: dict) -> None:
     setup.student.model.save_pretrained(staging)
     setup.tokenizer.save_pretrained(staging)
     for p in sorted(staging.iterdir()):
+        io.publish_mode(p)  # safetensors writes 0600; every output follows the umask
         os.replace(p, out / p.name)
     staging.rmdir()
-    names = [p.name for p in sorted(out.iterdir()) if p.is_file() and p.name not in (manifest.PLAN, manifest.MANIFEST)]
+    names = [p.name for p in sorted(out.iterdir()) if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
+             and p.name not in (manifest.PLAN, manifest.MANIFEST)]
     output.complete(output.file_records(names), stats)
     checkpoint.remove_all(out)
+
+
+def _tidy_finished(out: Path) -> None:
+    """A finished student keeps no checkpoints and no temporaries; a kill after its manifest was
+    written (or an older kd) can have left some, which a rerun removes."""
+    checkpoint.remove_all(out)
+    for p in out.glob(f"{io.TMP_MARK}*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -319,8 +349,12 @@ def _check(cfg: TrainConfig) -> None:
         raise KDError(f"unknown --loss {cfg.loss!r}: use one of {', '.join(LOSSES)}")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise KDError(f"--alpha must be in [0, 1], got {cfg.alpha}")
-    if cfg.temperature is not None and cfg.temperature <= 0:
-        raise KDError(f"--temperature must be positive, got {cfg.temperature}")
+    if cfg.temperature is not None and not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise KDError(f"--temperature must be a positive finite number, got {cfg.temperature}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise KDError(f"--lr must be a positive finite number, got {cfg.lr}")
+    if cfg.max_length < 2:
+        raise KDError(f"--max-length must be at least 2 (room for the special tokens), got {cfg.max_length}")
     for name in ("batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise KDError(f"--{name.replace('_', '-')} must be at least 1")
@@ -334,7 +368,7 @@ def _check(cfg: TrainConfig) -> None:
 
 def _open_cache(path: str, d, task_type: str | None) -> dict:
     """The manifest of a complete cache whose shards all match their checksums."""
-    m = manifest.read_manifest(Path(path), kind="targets")
+    m = manifest.read_cache(Path(path))
     if task_type and m["stats"]["task_type"] != task_type:
         raise KDError(f"--task-type {task_type} but {path} holds {m['stats']['task_type']} targets; drop --task-type")
     problems = [p for part in d.gather(verify_shards(Path(path), m["files"], (d.rank, d.world_size))) for p in part]
@@ -354,19 +388,12 @@ def _eval_loader(cfg: TrainConfig, d, setup: Setup):
         raise KDError(f"--eval-targets {cfg.eval_targets} was tokenised with another vocabulary than --targets; build both with the same "
                       f"teacher")
     text_pair = bool((ev["config"].get("columns") or {}).get("text_pair"))
-    source = ParquetSource([Path(cfg.eval_targets) / f["path"] for f in ev["files"]], setup.task_type,
+    source = ParquetSource([manifest.path_of(Path(cfg.eval_targets), f["path"]) for f in ev["files"]], setup.task_type,
                            ev["stats"]["value_dtype"], text_pair, ev["key"])
     ds = StreamingDataset(source, setup.collate, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world_size,
                           text_pair=text_pair)
     ds.set_epoch(0)
     return ds
-
-
-def _expected_tags(data: StreamingDataset, epoch: int, cursor: int):
-    """(consumer, batch) of every batch this rank will get, in the order the loader returns them."""
-    w = max(1, data.num_workers)
-    counts = data.consumer_batches(epoch)[data.rank * w:(data.rank + 1) * w]
-    return [(data.rank * w + wk, j) for wk, j in merged_order(counts)[cursor:]]
 
 
 def _optimizer_step(model, optimizer, scaler, max_norm: float) -> float:
@@ -381,20 +408,3 @@ def _optimizer_step(model, optimizer, scaler, max_norm: float) -> float:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
-
-
-def _summary(metrics_path: Path) -> dict:
-    """First and last losses (means over up to 10 steps) and evaluations, from metrics.jsonl."""
-    steps, evals = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        (evals if rec.get("event") == "eval" else steps if "event" not in rec else []).append(rec)
-
-    def mean(recs):
-        return {k: (sum(r[k] for r in recs) / len(recs) if recs and all(r.get(k) is not None for r in recs) else None)
-                for k in ("loss", "kd", "ce")}
-
-    n = max(1, min(10, len(steps) // 4))
-    return {"initial": mean(steps[:n]), "final": mean(steps[-n:]),
-            "eval_initial": next((e for e in evals if e["step"] == 0), None),
-            "eval_final": next((e for e in reversed(evals) if e["step"] > 0), None)}

@@ -155,13 +155,14 @@ def test_clean_removes_only_temporaries(tmp_path):
     root = tmp_path / "checkpoints"
     tmp_dir = io.tmp_name(root / "step-000000003")
     tmp_dir.mkdir()
-    (tmp_dir / "model.pt").write_bytes(b"half")
-    tmp_file = io.tmp_name(kept / "model.pt")
+    (tmp_dir / "model.safetensors").write_bytes(b"half")
+    tmp_file = io.tmp_name(kept / "model.safetensors")
     tmp_file.write_bytes(b"half")
     checkpoint.clean(tmp_path)
     assert not tmp_dir.exists() and not tmp_file.exists()
     assert sorted(p.name for p in root.iterdir()) == ["step-000000002"]
-    assert sorted(p.name for p in kept.iterdir()) == ["model.pt", "optimizer.pt", "rng-0.pt", "state.json"]
+    assert sorted(p.name for p in kept.iterdir()) == ["model.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+                                                      "rng-0.json", "rng-0.safetensors", "state.json"]
     checkpoint.clean(tmp_path / "elsewhere")  # nothing there: no error
 
 

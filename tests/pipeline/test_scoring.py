@@ -1,6 +1,6 @@
 """scoring.Tally and _cached_probs on hand-made rows, against numbers worked out by hand.
 
-Rows have the shape stages/evaluate.py streams (`_cache_rows`): row, input_ids, labels,
+Rows have the shape stages/evaluate.py streams (`scoring.cache_rows`): row, input_ids, labels,
 positions and teacher = (topk_ids [P, k], topk_logits [P, k] = z/T, lse [P]) as numpy arrays.
 The expected values below are computed from the teacher's raw logits z and the student's
 logits with plain numpy/math, never through pipeline.metrics.

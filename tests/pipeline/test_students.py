@@ -92,3 +92,25 @@ def test_forward_at_positions_matches_the_full_forward(models, task_type):
     full = s.model(input_ids=ids, attention_mask=mask).logits
     want = full[b] if full.dim() == 2 else full[b, p]
     torch.testing.assert_close(fwd(ids, mask, b, p), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "masked-lm"])
+def test_lm_students_hand_the_fused_loss_their_features(models, task):
+    """With fused=True the forward stops before the output embedding; the features it returns,
+    projected, are exactly the logits of the unfused forward (BERT's transform included)."""
+    from pipeline.students import Features
+
+    student = load_student(task, student=str(models[task]))
+    fused, plain = StudentForward(student.model, task, fused=True), StudentForward(student.model, task)
+    assert fused.projection is not None
+    ids = torch.randint(5, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    args = (ids, torch.ones_like(ids), torch.tensor([0, 0, 1]), torch.tensor([1, 3, 5]))
+    with torch.no_grad():
+        out = fused(*args)
+        assert isinstance(out, Features) and out.hidden.shape == (3, student.model.config.hidden_size)
+        torch.testing.assert_close(out.logits(), plain(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_classification_students_never_fuse(models):
+    student = load_student("sequence-classification", student=str(models["sequence-classification"]))
+    assert StudentForward(student.model, "sequence-classification", fused=True).projection is None

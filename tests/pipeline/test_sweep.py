@@ -41,7 +41,7 @@ ENTRIES_YAML = """\
   temperature: 4.0
   alpha: 0.9
 - out: {out}
-  loss: mse
+  loss: jsd
 """
 
 
@@ -51,7 +51,7 @@ def test_load_yaml_list_normalises_dashes(tmp_path):
     p = write(tmp_path, "s.yaml", ENTRIES_YAML.format(out="/x/elsewhere"))
     assert sweep.load(p) == [{"lr": 0.0001, "student_layers": [0, 2]},
                              {"name": "warm", "temperature": 4.0, "alpha": 0.9},
-                             {"out": "/x/elsewhere", "loss": "mse"}]
+                             {"out": "/x/elsewhere", "loss": "jsd"}]
 
 
 def test_load_yaml_mapping_with_students(tmp_path):
@@ -127,7 +127,7 @@ def test_select_named_entry(tmp_path):
 def test_select_entry_with_its_own_out(tmp_path):
     p = write(tmp_path, "s.yaml", ENTRIES_YAML.format(out="/x/elsewhere"))
     new, index, name = sweep.select(cfg_for(tmp_path, p, out=None), p, 2)  # needs no --out
-    assert (index, name, new.out, new.loss) == (2, "002", "/x/elsewhere", "mse")
+    assert (index, name, new.out, new.loss) == (2, "002", "/x/elsewhere", "jsd")
 
 
 def test_select_task_index_from_the_environment(tmp_path, monkeypatch):

@@ -313,3 +313,53 @@ def test_torchrun_two_processes_cover_every_row_once_per_epoch(tmp_path, models)
     m = read_manifest(out)
     assert m["stats"]["world_size"] == 2 and m["stats"]["steps"] == 12  # ceil(11 / 2) per epoch
     assert [r["rows"] for r in metrics(out) if r.get("event") == "epoch"] == [41, 41]
+
+
+@pytest.mark.parametrize("task_type,tied", [("causal-lm", False), ("masked-lm", True)])
+@pytest.mark.parametrize("alpha", [0.5, 0.0])
+def test_fused_head_trains_to_the_same_weights_as_the_full_logits(tmp_path, caches, models, task_type, tied, alpha):
+    """20 steps with the fused head + loss and 20 with full [N, V] logits end with the same weights
+    (float32, so within float tolerance); tied embeddings stay tied."""
+    from pipeline.models import auto_class
+
+    kw = dict(targets=str(caches[task_type]), student_from_teacher=str(models[task_type]), student_layers="0",
+              max_steps=20, epochs=50, alpha=alpha, loss="kl", grad_accum=2, batch_size=4)
+    train(tmp_path / "fused", **kw)
+    train(tmp_path / "full", **kw, fused_head=False)
+    a = auto_class(task_type).from_pretrained(tmp_path / "fused", dtype=torch.float32).state_dict()
+    b = auto_class(task_type).from_pretrained(tmp_path / "full", dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    fused, full = (read_manifest(tmp_path / n)["stats"]["final"]["loss"] for n in ("fused", "full"))
+    assert fused == pytest.approx(full, rel=1e-4)
+    if tied:
+        from transformers import AutoModelForMaskedLM
+
+        m = AutoModelForMaskedLM.from_pretrained(tmp_path / "fused")
+        assert m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()
+
+
+def test_fine_tuning_an_lm_without_targets_uses_the_fused_head_too(tmp_path, models, datasets_dir):
+    kw = dict(data=str(datasets_dir["causal-lm"]), task_type="causal-lm", student=str(models["causal-lm"]), max_steps=6)
+    fused, full = train(tmp_path / "fused", **kw), train(tmp_path / "full", **kw, fused_head=False)
+    assert fused["final"]["ce"] == pytest.approx(full["final"]["ce"], rel=1e-4)
+
+
+def test_fused_head_under_torchrun_matches_the_full_logits(tmp_path, caches, models):
+    """DDP synchronises the gradients that the fused loss writes straight into the head's weight."""
+    from pipeline.models import auto_class
+
+    t = "causal-lm"
+    outs = {}
+    for fused in ("--fused-head", "--no-fused-head"):
+        out = tmp_path / fused.strip("-")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli",
+               "train", "--targets", str(caches[t]), "--student-from-teacher", str(models[t]), "--student-layers", "1",
+               "--out", str(out), "--max-steps", "6", "--batch-size", "2", "--num-workers", "0", "--lr", "3e-3", fused]
+        res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[fused] = auto_class(t).from_pretrained(out, dtype=torch.float32).state_dict()
+    a, b = outs.values()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
