@@ -154,6 +154,8 @@ class EvalConfig:
     mask_prob: float = flag(0.15, "masked-lm without --targets: masking probability.")
     batch_size: int = flag(32, "Rows per forward (and the batch of the examples/s figure).")
     timing_examples: int = flag(64, "Rows each model is timed on.")
+    bootstrap: int = flag(1000, "Paired bootstrap resamples (seeded) for the 95% intervals of the differences between "
+                                "models; 0: none.")
     time_teacher: bool = flag(True, "Load the cache's teacher to measure its size and speed.", secondary="--no-time-teacher")
     limit: int | None = flag(None, "Use only the first N rows.")
     device: str = flag("auto", "cuda when present, else cpu.")

@@ -109,6 +109,17 @@ def local_data_files(data: str) -> list[Path] | None:
     return None
 
 
+def split_is_named(data: str, source: dict) -> bool:
+    """Whether a split name selects rows of --data: a hub dataset, or a save_to_disk directory of
+    several splits (a DatasetDict). The rows of local files are all of them, under whatever split
+    name `datasets` was handed (`kd teacher`'s default: train), and a single saved Dataset has none."""
+    if source.get("files") is not None or local_data_files(data) is not None:
+        return False
+    if source.get("directory") or os.path.isdir(data):
+        return (Path(data) / "dataset_dict.json").exists()
+    return True
+
+
 def dataset_fingerprint(data: str, split: str, columns: dict[str, str | None], rows: int,
                         limit: int | None, hf_fingerprint: str | None, encoding: str = "utf-8") -> dict[str, Any]:
     files = local_data_files(data)

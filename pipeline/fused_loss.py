@@ -19,6 +19,7 @@ term of that loss is per position and the objective is linear in the per-positio
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.errors import KDError
-from pipeline.losses import LOSSES, kd_loss_sum
+from pipeline.losses import (LOSSES, TAIL_EXACT_BELOW, _divergence, _floor, _log1mexp, kd_loss_sum,
+                             teacher_log_probs)
 
 # chunk_bytes bounds a chunk's whole working set, which is about WORKING_SET chunk-sized tensors
 # (the logits plus autograd's softmax/logsumexp intermediates; measured in bench/loss_memory_cpu.md),
@@ -94,6 +96,67 @@ def _chunk_sums(z: Tensor, targets: tuple[Tensor, Tensor, Tensor] | None, labels
     return kd, ce
 
 
+def _kl_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, grad: bool):
+    """(KD sum, CE sum, g) of one chunk for the default objective -- loss "kl" with the exact tail at
+    the cache temperature -- with the gradient written down instead of taken by autograd, or None
+    where that formula does not hold and the caller falls back to autograd.
+
+    Why: autograd through `kd_loss_sum` keeps several [chunk, V] intermediates and passes over them
+    again in backward, which made distillation ~1.8x the cost of cross-entropy. For student
+    log-probs q = softmax(s), s = z / T, and the (k+1)-bucket KL of pipeline.softtargets,
+
+        dKL/ds_j = q_j - p_j            for a stored id j,
+        dKL/ds_j = q_j (1 - p_t / q_t)  for any other id (p_t, q_t: the tail masses),
+
+    so one softmax pass and a scatter of k values give it; cross-entropy adds softmax(z) - onehot.
+    The values are computed with exactly the operations of `kd_loss_sum` (same clamps), and the
+    formula is the derivative of those operations wherever no clamp is active: a chunk where one is
+    (a log-prob below the floor, a stored mass so close to 1 that the tail takes the exact route)
+    returns None."""
+    ids, values, lse = targets
+    if ids.shape[1] >= z.shape[1] or not math.isclose(obj.cache_temperature, obj.temperature, rel_tol=1e-9):
+        return None
+    floor, t = _floor(z.dtype), obj.temperature
+    q = torch.softmax(z / t if t != 1.0 else z, dim=-1)  # one fused pass; it becomes the gradient, in place
+    q_k = q.gather(1, ids)
+    log_q = torch.log(q_k)  # s_k - logsumexp(s), up to rounding; -inf where q underflows (then: fallback)
+    log_mass = torch.logsumexp(log_q, dim=-1)
+    if bool((log_q < floor).any()) or bool((log_mass > math.log1p(-TAIL_EXACT_BELOW)).any()):
+        return None
+    log_q_tail = _log1mexp(log_mass).clamp(min=floor)
+    log_p, log_p_tail = teacher_log_probs(values.to(z.dtype), lse, obj.cache_temperature, t)
+    log_pb = torch.cat([log_p, log_p_tail.unsqueeze(-1)], dim=-1)
+    kd = _divergence("kl", log_pb, torch.cat([log_q, log_q_tail.unsqueeze(-1)], dim=-1)).sum()
+    ce, c_rows, sm = z.new_zeros(()), None, None
+    if labels is not None:
+        labelled = labels != -100
+        at = labels.clamp(min=0).unsqueeze(-1)
+        sm = q if t == 1.0 else torch.softmax(z, dim=-1)
+        p_label = sm.gather(1, at).squeeze(-1)
+        if bool((labelled & (p_label < torch.finfo(z.dtype).tiny)).any()):
+            return None  # the label's probability underflows: its CE needs the logsumexp route
+        ce = torch.where(labelled, -torch.log(p_label), 0.0).sum()
+        if grad and obj.alpha < 1.0:
+            c_rows = labelled.to(z.dtype) * ((1.0 - obj.alpha) / max(obj.num_labelled, 1))
+    a = obj.alpha * t / max(obj.num_positions, 1) if grad and obj.alpha > 0.0 else 0.0  # alpha T^2 / N, times ds/dz = 1/T
+    if not a and c_rows is None:
+        return kd, ce, None
+    # g = a (q - r) + c (softmax(z) - onehot), built in place: at alpha = 0 the teacher never enters it
+    # (not even as 0 * NaN); at T = 1, softmax(z) is q itself, so one pass serves both terms.
+    shared = c_rows is not None and t == 1.0
+    row = a * (1.0 - torch.exp(log_pb[:, -1] - log_q_tail)) if a else torch.zeros_like(log_mass)
+    at_k = a * (q_k - log_pb[:, :-1].exp()) if a else torch.zeros_like(q_k)
+    if shared:
+        row, at_k = row + c_rows, at_k + c_rows.unsqueeze(-1) * q_k
+    g = q.mul_(row.unsqueeze(-1))
+    g.scatter_(1, ids, at_k)
+    if c_rows is not None:
+        if not shared:
+            g.add_(sm.mul_(c_rows.unsqueeze(-1)))
+        g.scatter_add_(1, at, -c_rows.unsqueeze(-1))
+    return kd, ce, g
+
+
 def _chunk(h: Tensor, w: Tensor, b: Tensor | None, targets, labels: Tensor | None, obj: _Objective,
            head: _Head, grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(KD sum, CE sum, g) for one chunk, g = d(this chunk's share of the objective)/d(h @ W.T + b).
@@ -101,6 +164,10 @@ def _chunk(h: Tensor, w: Tensor, b: Tensor | None, targets, labels: Tensor | Non
     The raw logits are a leaf, so autograd only ever sees [chunk, V] tensors (scale, softcap, the
     loss) and the matmul's gradient is left to the caller; g is None when nothing needs a gradient."""
     raw = F.linear(h, w, b)  # the same op as nn.Linear in the student's head
+    if obj.loss == "kl" and targets is not None and head == _Head():
+        fast = _kl_chunk(raw, targets, labels, obj, grad)
+        if fast is not None:
+            return fast
     with torch.enable_grad() if grad else contextlib.nullcontext():
         leaf = raw.requires_grad_(grad)
         kd, ce = _chunk_sums(head(leaf), targets, labels, obj, grad)

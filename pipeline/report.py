@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline import io, tasks
+from pipeline import io, tasks, uncertainty
 
 LOWER_IS_BETTER = {"perplexity", "ece", "kl", "latency_p50_ms"}
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "entity_precision": "entity P",
@@ -118,10 +118,14 @@ def metrics_row(name: str, path: str, role: str, scored_from: str, task_type: st
 def teacher_notes(stats: dict, teacher: dict) -> list[str]:
     """What the teacher's numbers mean when they come from a top-k cache rather than a forward."""
     T, k, task = float(stats["temperature"]), int(stats["top_k"]), tasks.get(stats["task_type"])
-    notes = [f"KL(T‖S) at T = 1 over the teacher's stored top-{k}"
-             + (" plus one bucket for the remaining (tail) mass." if T == 1.0 else
-                f", renormalised: the cache holds z/T at T = {T:g}, so the T = 1 tail is unknown "
-                f"(a proxy, exact when the tail is small).")]
+    if k >= int(stats["outputs"]):  # every output stored: z = T * (z/T) exactly, nothing is left out
+        notes = [f"KL(T‖S) at T = 1 over all {stats['outputs']} outputs: the cache stores every one (k = "
+                 f"{stats['outputs']}), so the teacher's distribution is exact at any T and so is the KL."]
+    else:
+        notes = [f"KL(T‖S) at T = 1 over the teacher's stored top-{k}"
+                 + (" plus one bucket for the remaining (tail) mass." if T == 1.0 else
+                    f", renormalised: the cache holds z/T at T = {T:g}, so the T = 1 tail is unknown "
+                    f"(a proxy, exact when the tail is small).")]
     if task.classification and teacher.get("ece") is None:
         notes.append(f"Teacher ECE is empty: from the top-{k} of {stats['outputs']} classes at T = {T:g} "
                      f"its T = 1 confidence is not recoverable.")
@@ -136,16 +140,53 @@ def teacher_notes(stats: dict, teacher: dict) -> list[str]:
 
 
 def markdown(rows: list[dict], task_type: str, header: list[str], notes: list[str],
-             plot_name: str | None) -> str:
+             plot_name: str | None, comparisons: list[dict] | None = None) -> str:
     if any(r.get("role") == "teacher" for r in rows):
         notes = ["% of teacher = student ÷ teacher (for perplexity, lower is better: teacher ÷ student); "
                  "params % = student ÷ teacher parameters; speed-up = student ÷ teacher examples/s.", *notes]
     parts = [f"# kd eval — {task_type}", "", *(x for h in header for x in (h, "")), table(rows, task_type), ""]
+    if comparisons:
+        parts += comparison_lines(comparisons)
     if notes:
         parts += ["Notes:", "", *(f"- {n}" for n in notes), ""]
     if plot_name:
         parts += [f"![{LABELS[tasks.get(task_type).primary_metric]} against parameters and examples/s]({plot_name})", ""]
     return "\n".join(parts)
+
+
+COMPARISON_COLUMNS = {"a": _STR, "b": _STR, "metric": _STR, "diff": _F, "ci_low": _F, "ci_high": _F, "p_value": _F,
+                      "n_rows": _I}
+_CMP = {"accuracy": ("accuracy", "percentage points", 100.0, True),
+        "nll_per_token": ("mean NLL per token", "nats", 1.0, False)}
+
+
+def write_comparisons(path: Path, comparisons: list[dict]) -> None:
+    """comparisons.parquet: one row per ordered pair of models (pipeline.uncertainty.compare)."""
+    import polars as pl
+
+    dtypes = {_STR: pl.Utf8, _F: pl.Float64, _I: pl.Int64}
+    df = pl.DataFrame({c: [r.get(c) for r in comparisons] for c in COMPARISON_COLUMNS},
+                      schema={c: dtypes[t] for c, t in COMPARISON_COLUMNS.items()})
+    with io.atomic_path(path) as tmp:
+        df.write_parquet(tmp)
+
+
+def comparison_lines(comparisons: list[dict]) -> list[str]:
+    """The report's words on each difference: its size, 95% interval, p-value and whether it is noise."""
+    metric = comparisons[0]["metric"]
+    label, unit, scale, higher = _CMP[metric]
+    lines = [f"Differences ({label}, a − b on the same {comparisons[0]['n_rows']} rows; paired bootstrap 95% interval "
+             f"resampling rows{', McNemar exact p' if any(c['p_value'] is not None for c in comparisons) else ''}; "
+             f"{'higher' if higher else 'lower'} is better):", ""]
+    for c in comparisons:
+        d = c["diff"] * scale
+        ci = (f"95% CI [{c['ci_low'] * scale:+.2f}, {c['ci_high'] * scale:+.2f}]" if c["ci_low"] is not None
+              else "no interval")
+        p = f", p = {c['p_value']:.3g}" if c["p_value"] is not None else ""
+        better = "better" if (d > 0) == higher else "worse"
+        size = f"{abs(d):.2f} {unit} {better}" if d else "no difference"
+        lines.append(f"- `{c['a']}` vs `{c['b']}`: {size} ({d:+.2f}; {ci}{p}): {uncertainty.verdict(c)}.")
+    return [*lines, ""]
 
 
 def plot(path: Path, rows: list[dict], task_type: str) -> None:

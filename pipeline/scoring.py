@@ -33,6 +33,7 @@ class Tally:
         self.calibrated, self.exact_nll = True, True
         self.nll, self.tokens, self.outside = 0.0, 0, 0
         self.agree, self.kl, self.compared, self.rows, self.positions = 0, 0.0, 0, 0, 0
+        self.row_ids, self.row_num, self.row_den = [], [], []  # per-row sums: pipeline.uncertainty's input
 
     def add_model(self, rows: list[dict], logits: torch.Tensor, temperature: float | None) -> None:
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -42,8 +43,10 @@ class Tally:
         else:
             keep = gold != M.IGNORE_INDEX
             at = torch.from_numpy(np.where(keep, gold, 0))[:, None]
-            self.nll -= float(logp.gather(1, at)[:, 0].double().numpy()[keep].sum())
+            nll = -logp.gather(1, at)[:, 0].double().numpy()
+            self.nll += float(nll[keep].sum())
             self.tokens += int(keep.sum())
+            self._per_row(rows, nll, keep)
         if rows and rows[0].get("teacher") is not None and len(gold):
             ids, vals, lse = (np.concatenate([r["teacher"][i] for r in rows]) for i in range(3))
             lp = logp.numpy()
@@ -72,6 +75,7 @@ class Tally:
         lp = np.where(inside, np.where(hit, logp, 0.0).sum(-1), np.log(bound))
         self.nll -= float(lp[keep].sum())
         self.outside += int((keep & ~inside).sum())
+        self._per_row(rows, -lp, keep)
 
     def _count(self, rows: list[dict]) -> np.ndarray:
         gold = tasks.gold_labels(self.task, rows)
@@ -79,8 +83,26 @@ class Tally:
         self.positions += len(gold)
         return gold
 
+    def _per_row(self, rows: list[dict], values: np.ndarray, keep: np.ndarray) -> None:
+        """Sum `values` and count `keep` per row (positions are in row order)."""
+        owner = np.repeat(np.arange(len(rows)), [len(r["positions"]) for r in rows])
+        self.row_ids.append(np.asarray([r["row"] for r in rows], dtype=np.int64))
+        self.row_num.append(np.bincount(owner, weights=np.where(keep, values, 0.0), minlength=len(rows)))
+        self.row_den.append(np.bincount(owner, weights=keep.astype(np.float64), minlength=len(rows)))
+
+    def per_row(self) -> dict | None:
+        """Per-row sums for paired comparisons (pipeline.uncertainty): correct and labelled positions
+        (classification: accuracy), or NLL and target tokens (language models: mean NLL per token).
+        None where the metric is not exact: a cached teacher's NLL at T != 1 or with labels outside its top-k."""
+        if not self.row_ids or not self.exact_nll or self.outside:
+            return None
+        return {"metric": "accuracy" if self.classify else "nll_per_token", "rows": np.concatenate(self.row_ids),
+                "num": np.concatenate(self.row_num), "den": np.concatenate(self.row_den)}
+
     def _classified(self, rows, gold, preds, probs) -> None:
         self.preds.append(np.asarray(preds))
+        labelled = gold != M.IGNORE_INDEX
+        self._per_row(rows, (np.asarray(preds) == gold).astype(np.float64), labelled)
         self.gold.append(gold)
         if probs is None:
             self.calibrated = False

@@ -4,8 +4,9 @@ Read top to bottom: find the evaluation rows (a targets cache of the split, one 
 running --teacher once, or the plain labelled split), check that every model fits them (task
 type, label set, vocabulary), score the teacher from its cache (it is never run twice), then
 stream the rows through each student in batches, keeping running sums of its task metric and
-of its agreement with the teacher, and time it on the same fixed sample. metrics.parquet,
-report.md and the plot are written next, manifest.json last, after everything it lists.
+of its agreement with the teacher, and time it on the same fixed sample. Each student is then
+compared with every other model on the same rows (pipeline.uncertainty). metrics.parquet,
+comparisons.parquet, report.md and the plot are written next, manifest.json last, after everything it lists.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from pipeline import costs, io, manifest, report, scoring, tasks
+from pipeline import costs, io, manifest, report, scoring, tasks, uncertainty
 from pipeline import format as fmt
 from pipeline.config import EvalConfig, recorded, result_settings
 from pipeline.data import Columns, Encoder, load_split, pad_id
 from pipeline.errors import KDError
-from pipeline.fingerprint import dataset_fingerprint, local_data_files, model_fingerprint, resolve_model_dir
+from pipeline.fingerprint import dataset_fingerprint, local_data_files, model_fingerprint, resolve_model_dir, split_is_named
 from pipeline.fit import check_labels, fit
 from pipeline.models import capped_length, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, pick_dtype
 from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
 
 __all__ = ["EvalConfig", "run"]
-OUTPUTS = ("metrics.parquet", "report.md", "plot.png")
+OUTPUTS = ("metrics.parquet", "comparisons.parquet", "report.md", "plot.png")
 CHUNK_ROWS = 512
 
 
@@ -63,6 +64,7 @@ class Split:
     dataset: object = None      # without a cache: the datasets split and its columns
     cols: Columns | None = None
     limit: int | None = None
+    name: str = "test"          # the split's name: the cache's, else --split
 
     def rows(self):
         """A fresh pass over the cache's rows (one per model)."""
@@ -72,8 +74,8 @@ class Split:
 def run(cfg: EvalConfig) -> dict:
     if not cfg.model:
         raise KDError("name at least one model to evaluate: --model DIR (repeat it for several)")
-    if cfg.batch_size < 1 or cfg.timing_examples < 0:
-        raise KDError("--batch-size must be at least 1 and --timing-examples at least 0")
+    if cfg.batch_size < 1 or cfg.timing_examples < 0 or cfg.bootstrap < 0:
+        raise KDError("--batch-size must be at least 1, --timing-examples and --bootstrap at least 0")
     if cfg.max_length is not None and cfg.max_length < 2:
         raise KDError(f"--max-length must be at least 2 (room for the special tokens), got {cfg.max_length}")
     out = Path(cfg.out)
@@ -115,16 +117,21 @@ def run(cfg: EvalConfig) -> dict:
 
     # 5. Outputs; manifest.json last, so a directory that has one is complete.
     rows = report.relative(rows)
+    task = tasks.get(split.task_type)  # McNemar where each row is one labelled pair (pipeline.uncertainty)
+    comparisons = uncertainty.compare(rows, cfg.bootstrap, task.classification and task.hard_labels == "row")
     with output.claimed({"config": recorded(cfg), "fingerprints": fps, "upstream": _upstream(split, students)}):
         report.write_metrics(out / "metrics.parquet", rows)
+        report.write_comparisons(out / "comparisons.parquet", comparisons)
         report.plot(out / "plot.png", rows, split.task_type)
         io.write_text(out / "report.md", report.markdown(rows, split.task_type, _header(cfg, split, names, rows, device, dtype),
-                                                         notes, "plot.png"))
-        files = [{**f, "rows": len(rows) if f["path"] == "metrics.parquet" else None} for f in output.file_records(OUTPUTS)]
+                                                         notes, "plot.png", comparisons))
+        counts = {"metrics.parquet": len(rows), "comparisons.parquet": len(comparisons)}
+        files = [{**f, "rows": counts.get(f["path"])} for f in output.file_records(OUTPUTS)]
         output.complete(files, {"task_type": split.task_type, "models": len(rows), "rows": rows[0]["rows"] if rows else 0,
                                 "device": str(device), "dtype": str(dtype), "torch_threads": torch.get_num_threads(),
                                 "summary": [{"name": r["name"], "role": r["role"], r["metric"]: r["value"]} for r in rows]})
-    say(f"wrote {out / 'report.md'}, {out / 'metrics.parquet'}, {out / 'plot.png'} and {out / manifest.MANIFEST}")
+    say(f"wrote {out / 'report.md'}, {out / 'metrics.parquet'}, {out / 'comparisons.parquet'}, {out / 'plot.png'} and "
+        f"{out / manifest.MANIFEST}")
     return {"out": str(out), "report": str(out / "report.md"), "metrics": str(out / "metrics.parquet"),
             "plot": str(out / "plot.png"), "table": report.table(rows, split.task_type), "rows": len(rows)}
 
@@ -139,7 +146,8 @@ def _split(cfg: EvalConfig, out: Path, students: list, notes: list[str]) -> Spli
         stats = cache["stats"]
         return Split(task_type, {int(k): str(v) for k, v in (stats.get("id2label") or {}).items()},
                      float(stats["temperature"]), cfg.max_length or cache["config"].get("max_length") or 512,
-                     min(stats["total_rows"], cfg.limit or stats["total_rows"]), cache, cache_dir, limit=cfg.limit)
+                     min(stats["total_rows"], cfg.limit or stats["total_rows"]), cache, cache_dir, limit=cfg.limit,
+                     name=cache["config"]["split"])
     if not cfg.data:
         raise KDError("say what to evaluate on: --data (with --split), or --targets CACHE")
     dataset = load_split(cfg.data, cfg.split, cfg.limit, cfg.encoding)
@@ -148,7 +156,7 @@ def _split(cfg: EvalConfig, out: Path, students: list, notes: list[str]) -> Spli
         raise KDError(f"--data {cfg.data!r} has no label column for {task_type}; name it with --label-column")
     notes.append("No teacher: neither --targets nor --teacher was given, so there is no reference row.")
     return Split(task_type, _labels(students[0].config), None, cfg.max_length or 512, len(dataset),
-                 dataset=dataset, cols=cols, limit=cfg.limit)
+                 dataset=dataset, cols=cols, limit=cfg.limit, name=cfg.split)
 
 
 def _score_teacher(cfg: EvalConfig, split: Split, name: str, path: str, notes: list[str], device, dtype) -> dict:
@@ -162,7 +170,7 @@ def _score_teacher(cfg: EvalConfig, split: Split, name: str, path: str, notes: l
         cost = _cost(model, tdir, sample, pad_id(load_tokenizer(str(split.cache_dir / "tokenizer"))), cfg, device)
     row = report.metrics_row(name, path, "teacher", "cache", split.task_type, tally.result(), cost)
     notes += report.teacher_notes(split.cache["stats"], row)
-    return row
+    return {**row, "per_row": tally.per_row()}
 
 
 def _score_student(cfg: EvalConfig, split: Split, c: Candidate, device, dtype) -> dict:
@@ -184,13 +192,13 @@ def _score_student(cfg: EvalConfig, split: Split, c: Candidate, device, dtype) -
             tally.add_model(batch, _forward(model, batch, c, device), split.temperature)
         progress.update(len(window))
     progress.close()
-    return report.metrics_row(c.name, str(c.path), "student", "model", split.task_type, tally.result(),
-                              _cost(model, c.path, sample, pad_id(c.tokenizer), cfg, device))
+    return {**report.metrics_row(c.name, str(c.path), "student", "model", split.task_type, tally.result(),
+                                 _cost(model, c.path, sample, pad_id(c.tokenizer), cfg, device)), "per_row": tally.per_row()}
 
 
 def _header(cfg: EvalConfig, split: Split, names: list[str], rows: list[dict], device, dtype) -> list[str]:
     cache = split.cache
-    return [f"{split.total} rows of split `{cfg.split}`, {rows[0]['positions']} target positions.",
+    return [f"{split.total} rows of split `{split.name}`, {rows[0]['positions']} target positions.",
             f"Teacher `{names[-1]}` is scored from its targets cache `{split.cache_dir}` (key `{cache['key'][:12]}`, "
             f"top-{cache['stats']['top_k']}, T = {split.temperature:g}); students are compared with it at T = 1."
             if cache else f"Evaluated on `{cfg.data}`.",
@@ -335,7 +343,9 @@ def _open_cache(cache_dir: Path, cfg: EvalConfig) -> dict:
     pair = (conf.get("columns") or {}).get("text_pair") is not None
     for f in m["files"]:
         fmt.check_shard(manifest.path_of(cache_dir, f["path"]), stats["task_type"], stats["value_dtype"], pair, m["key"])
-    if cfg.split != conf["split"]:
+    # --split picks the rows of --data only where the data has named splits (a local file's are all of it,
+    # under whatever name `datasets` was handed); without --data the split is the cache's.
+    if cfg.data and cfg.split != conf["split"] and split_is_named(cfg.data, m["fingerprints"]["dataset"].get("source", {})):
         raise KDError(f"--split {cfg.split} but the cache {cache_dir} holds split {conf['split']!r}; pass --split {conf['split']} or the "
                       f"cache of split {cfg.split}")
     if cfg.data:

@@ -256,3 +256,36 @@ def test_errors():
     # hard_labels=None is fine at alpha 1 (CE reported as 0)
     out = fused_distillation_loss(hidden, weight, bias, ids, values, lse, None, alpha=1.0, cache_temperature=2.0)
     assert out["ce"] == 0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_default_kl_objective_takes_the_written_down_gradient(monkeypatch, alpha, temperature):
+    """The default objective (kl, exact tail, cache T) never runs autograd through kd_loss_sum, and
+    its value and gradients still equal distillation_loss on the full logits to 1e-10."""
+    import pipeline.fused_loss as fl
+    from pipeline.losses import distillation_loss
+
+    g = torch.Generator().manual_seed(3)
+    n, v, h_dim, k = 13, 40, 6, 5
+    hidden = torch.randn(n, h_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    values, ids = (z / temperature).topk(k, dim=-1)
+    lse = torch.logsumexp(z / temperature, -1)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::4] = -100
+    ref = distillation_loss(hidden @ weight.T, ids, values, lse, labels, alpha=alpha, cache_temperature=temperature)
+    ref_grads = torch.autograd.grad(ref["loss"], (hidden, weight), allow_unused=True)
+
+    def forbidden(*a, **kw):
+        raise AssertionError("the default objective went through autograd")
+
+    monkeypatch.setattr(fl, "kd_loss_sum", forbidden)
+    got = fl.fused_distillation_loss(hidden, weight, None, ids, values, lse, labels, alpha=alpha,
+                                     cache_temperature=temperature, chunk_bytes=5 * 4 * v * 8)
+    grads = torch.autograd.grad(got["loss"], (hidden, weight), allow_unused=True)
+    for key in ("loss", "kd", "ce"):
+        assert torch.allclose(got[key], ref[key], rtol=1e-10, atol=1e-12), key
+    for a, b in zip(grads, ref_grads):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -86,6 +86,24 @@ def test_teacher_notes_say_what_is_not_recoverable():
     assert "Teacher ECE is empty" in notes[1]
 
 
+def test_kl_note_is_exact_when_every_class_is_stored():
+    """Sequence classification keeps k = C: the KL is exact at any T, not a proxy with an unknown tail."""
+    for T in (1.0, 2.0):
+        note = report.teacher_notes({"temperature": T, "top_k": 2, "task_type": "sequence-classification", "outputs": 2},
+                                    {"ece": 0.1})[0]
+        assert "exact" in note and "unknown" not in note and "proxy" not in note and "tail" not in note
+
+
+def test_comparison_lines_say_whether_a_difference_is_noise():
+    rows = [{"a": "s", "b": "t", "metric": "accuracy", "diff": -0.2, "ci_low": -0.3, "ci_high": -0.1, "p_value": 0.01,
+             "n_rows": 50},
+            {"a": "s", "b": "u", "metric": "accuracy", "diff": 0.02, "ci_low": -0.05, "ci_high": 0.08, "p_value": 0.6,
+             "n_rows": 50}]
+    text = "\n".join(report.comparison_lines(rows))
+    assert "`s` vs `t`: 20.00 percentage points worse (-20.00; 95% CI [-30.00, -10.00], p = 0.01): distinguishable" in text
+    assert "`s` vs `u`: 2.00 percentage points better (+2.00; 95% CI [-5.00, +8.00], p = 0.6): not distinguishable" in text
+
+
 @pytest.mark.parametrize("teacher_cost", [True, False])
 def test_plot_writes_a_png_with_or_without_teacher_costs(tmp_path, teacher_cost):
     rows = report.relative(rows_for())

@@ -107,7 +107,7 @@ def ece(probs, gold, bins=15):
 def test_four_outputs_and_values_recomputed_for_a_student(env, tmp_path):
     out = shared_run(env, SEQ)
     result = env["runs"][SEQ][1]
-    for name in ("metrics.parquet", "report.md", "plot.png", "manifest.json"):
+    for name in ("metrics.parquet", "comparisons.parquet", "report.md", "plot.png", "manifest.json"):
         assert (out / name).is_file()
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     df = pl.read_parquet(out / "metrics.parquet")
@@ -155,7 +155,7 @@ def test_four_outputs_and_values_recomputed_for_a_student(env, tmp_path):
     cache_key = io.read_json(env["caches"][SEQ] / "manifest.json")["key"]
     assert {"kind": "targets", "path": str(env["caches"][SEQ]), "key": cache_key} in m["upstream"]
     assert {f["path"]: f["sha256"] for f in m["files"]} == {
-        n: io.sha256_file(out / n) for n in ("metrics.parquet", "report.md", "plot.png")}
+        n: io.sha256_file(out / n) for n in ("metrics.parquet", "comparisons.parquet", "report.md", "plot.png")}
 
 
 def test_token_classification_entities_and_teacher_from_top_k(env):
@@ -264,8 +264,6 @@ def test_refuses_incomplete_damaged_or_other_caches(env, tmp_path):
     shutil.copytree(cache, damaged)
     next((damaged / "shards").glob("*.parquet")).unlink()
     _one_line_refusal(r"damaged .* is missing", lambda: evaluate(env, SEQ, tmp_path / "e", targets=str(damaged)))
-    _one_line_refusal(r"--split validation but the cache .* holds split 'test'",
-                      lambda: evaluate(env, SEQ, tmp_path / "e", split="validation"))
     other = make_data(tmp_path / "other.jsonl", SEQ, seed=5)
     _one_line_refusal(r"--data .*other.jsonl is not the data the cache", lambda: evaluate(env, SEQ, tmp_path / "e", data=str(other)))
     _one_line_refusal(r"holds sequence-classification targets", lambda: evaluate(env, SEQ, tmp_path / "e", task_type=TOK))
@@ -302,3 +300,64 @@ def test_rerun_with_same_inputs_is_reused_and_writes_nothing(env, tmp_path, caps
     assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     third = evaluate(env, TOK, out, batch_size=7)  # other settings: evaluated afresh
     assert not third.get("reused")
+
+
+def test_comparisons_paired_interval_and_mcnemar(env):
+    """Each student against the other and the teacher on the same rows: the parquet holds the
+    difference recomputed here, a seeded interval around it, McNemar's p from the discordant rows."""
+    from pipeline import uncertainty
+
+    out = shared_run(env, SEQ)
+    df = pl.read_parquet(out / "comparisons.parquet")
+    assert df.columns == ["a", "b", "metric", "diff", "ci_low", "ci_high", "p_value", "n_rows"]
+    assert [(r["a"], r["b"]) for r in df.iter_rows(named=True)] == [
+        ("s1", "sequence-classification"), ("s1", "s2"), ("s2", "sequence-classification"), ("s2", "s1")]
+    t_logits, gold = dense(SEQ, env["models"][SEQ], env["data"][SEQ])
+    s_logits, _ = dense(SEQ, env["students"][SEQ], env["data"][SEQ])
+    y = np.concatenate(gold)
+    right_t, right_s = torch.cat(t_logits).numpy().argmax(-1) == y, torch.cat(s_logits).numpy().argmax(-1) == y
+    row = df.row(0, named=True)
+    assert row["metric"] == "accuracy" and row["n_rows"] == 40
+    assert row["diff"] == pytest.approx(right_s.mean() - right_t.mean())
+    assert row["ci_low"] <= row["diff"] <= row["ci_high"]
+    assert row["p_value"] == pytest.approx(uncertainty.mcnemar_exact(int((right_s & ~right_t).sum()),
+                                                                     int((~right_s & right_t).sum())))
+    want = uncertainty.paired_bootstrap(right_s.astype(float), right_t.astype(float), np.ones(40), np.ones(40), 1000)
+    assert (row["diff"], row["ci_low"], row["ci_high"]) == pytest.approx(want)
+    text = (out / "report.md").read_text()
+    assert "Differences (accuracy" in text and "95% CI [" in text and f"p = {row['p_value']:.3g}" in text
+    assert "`s1` vs `sequence-classification`: " in text and uncertainty.verdict(row) in text
+    m = io.read_json(out / "manifest.json")
+    assert {"path": "comparisons.parquet", "rows": 4}.items() <= next(f for f in m["files"] if f["path"] == "comparisons.parquet").items()
+
+
+def test_language_model_comparisons_are_nll_per_token_without_mcnemar(env):
+    df = pl.read_parquet(shared_run(env, CLM) / "comparisons.parquet")  # k = V: the teacher's NLL is exact
+    assert df.height == 1 and df["metric"].to_list() == ["nll_per_token"] and df["p_value"].to_list() == [None]
+    metrics_df = pl.read_parquet(shared_run(env, CLM) / "metrics.parquet")
+    t, s = metrics_df["perplexity"].to_list()
+    assert df["diff"][0] == pytest.approx(math.log(s) - math.log(t))
+    assert df["ci_low"][0] <= df["diff"][0] <= df["ci_high"][0]
+    # masked-lm: labels fall outside the teacher's top-8, its NLL is only a bound: no comparison with it
+    assert pl.read_parquet(shared_run(env, MLM) / "comparisons.parquet").height == 0
+
+
+def test_targets_without_data_take_the_caches_split(env, tmp_path):
+    """A cache of a local file built with kd teacher's default split (train) is evaluated with the
+    default --split test: the split is the cache's; a named split of a DatasetDict is still checked."""
+    train = tmp_path / "train-cache"
+    shutil.copytree(env["caches"][SEQ], train)
+    m = io.read_json(train / "manifest.json")
+    m["config"]["split"] = m["fingerprints"]["dataset"]["split"] = "train"
+    io.write_json(train / "manifest.json", m)
+    res = run(EvalConfig(model=[str(env["students"][SEQ])], targets=str(train), out=str(tmp_path / "e"), progress=False,
+                         timing_examples=2, bootstrap=10))
+    assert "rows of split `train`" in Path(res["report"]).read_text()
+    saved = tmp_path / "saved"  # a save_to_disk directory of several splits: there the name picks the rows
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    m["config"]["data"], m["fingerprints"]["dataset"]["source"] = str(saved), {"directory": True}
+    io.write_json(train / "manifest.json", m)
+    _one_line_refusal(r"--split test but the cache .* holds split 'train'",
+                      lambda: run(EvalConfig(model=[str(env["students"][SEQ])], targets=str(train), data=str(saved),
+                                             out=str(tmp_path / "e2"), progress=False)))

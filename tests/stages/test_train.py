@@ -330,6 +330,10 @@ def test_fused_head_trains_to_the_same_weights_as_the_full_logits(tmp_path, cach
     b = auto_class(task_type).from_pretrained(tmp_path / "full", dtype=torch.float32).state_dict()
     assert a.keys() == b.keys()
     for k in a:
+        if k.endswith("attention.self.key.bias"):
+            # softmax is invariant to the key bias: its gradient is rounding noise, which Adam scales
+            # up to full-size steps, so its values differ between any two summation orders
+            continue
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
     fused, full = (read_manifest(tmp_path / n)["stats"]["final"]["loss"] for n in ("fused", "full"))
     assert fused == pytest.approx(full, rel=1e-4)
