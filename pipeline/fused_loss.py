@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.errors import KDError
-from pipeline.losses import (LOSSES, TAIL_EXACT_BELOW, _divergence, _floor, _log1mexp, kd_loss_sum,
+from pipeline.models import finish_logits
+from pipeline.losses import (LOSSES, TAIL_EXACT_BELOW, _divergence, _floor, _log1mexp, kd_loss_sum, objective_rows,
                              teacher_log_probs)
 
 # chunk_bytes bounds a chunk's whole working set, which is about WORKING_SET chunk-sized tensors
@@ -45,11 +46,7 @@ class _Head:
     softcap: float | None = None
 
     def __call__(self, z: Tensor) -> Tensor:
-        if self.logit_scale is not None:
-            z = z * self.logit_scale
-        if self.softcap:  # 0 / None mean no cap, as in split_head
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+        return finish_logits(z, self.logit_scale, self.softcap)
 
 
 @dataclass(frozen=True)
@@ -315,10 +312,6 @@ def fused_distillation_loss(
     ``chunk_bytes``. "loss" is differentiable w.r.t. hidden, weight and bias (a weight tied to the
     input embedding receives both contributions through autograd).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise KDError(f"alpha must be in [0, 1], got {alpha}")
-    if hard_labels is None and alpha < 1.0:
-        raise KDError(f"alpha={alpha} mixes in cross-entropy but no hard labels were given; use alpha=1")
     if loss not in LOSSES:
         raise KDError(f"unknown distillation loss {loss!r}; choose one of {', '.join(LOSSES)}")
     _check_head(hidden, weight, bias, chunk_bytes)
@@ -328,16 +321,8 @@ def fused_distillation_loss(
                       f"do not match {n} student positions")
     if hard_labels is not None and hard_labels.shape != (n,):
         raise KDError(f"hard_labels has shape {tuple(hard_labels.shape)}, expected ({n},)")
-    if mask is not None:
-        rows = mask.to(device=hidden.device, dtype=torch.bool).nonzero().squeeze(-1)
-        hidden, topk_ids, topk_logits, lse = (x.index_select(0, rows.to(x.device)) for x in (hidden, topk_ids, topk_logits, lse))
-        if hard_labels is not None:
-            hard_labels = hard_labels.index_select(0, rows.to(hard_labels.device))
-        n = hidden.shape[0]
-    if num_positions is None:
-        num_positions = n
-    if num_positions < n:
-        raise KDError(f"num_positions={num_positions} is smaller than the {n} positions in this call")
+    hidden, topk_ids, topk_logits, lse, hard_labels, num_positions = objective_rows(
+        hidden, topk_ids, topk_logits, lse, hard_labels, alpha=alpha, mask=mask, num_positions=num_positions)
     device = hidden.device
     labels = hard_labels.to(device=device, dtype=torch.long) if hard_labels is not None else None
     t = cache_temperature if temperature is None else temperature

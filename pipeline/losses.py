@@ -185,6 +185,28 @@ def kd_loss_sum(
     return _divergence(loss, log_p, log_q).sum()
 
 
+def objective_rows(student: Tensor, topk_ids: Tensor, topk_logits: Tensor, lse: Tensor, hard_labels: Tensor | None, *,
+                   alpha: float, mask: Tensor | None, num_positions: int | None):
+    """The checks and the row selection that both forms of the objective share (`distillation_loss`
+    on logits, `fused_loss.fused_distillation_loss` on hidden states): `student` is whichever of the
+    two has one row per position. Returns the selected rows and the step-wide position count."""
+    if not 0.0 <= alpha <= 1.0:
+        raise KDError(f"alpha must be in [0, 1], got {alpha}")
+    if hard_labels is None and alpha < 1.0:
+        raise KDError(f"alpha={alpha} mixes in cross-entropy but no hard labels were given; use alpha=1")
+    if mask is not None:
+        rows = mask.to(device=student.device, dtype=torch.bool).nonzero().squeeze(-1)
+        student, topk_ids, topk_logits, lse = (x.index_select(0, rows.to(x.device)) for x in (student, topk_ids, topk_logits, lse))
+        if hard_labels is not None:
+            hard_labels = hard_labels.index_select(0, rows.to(hard_labels.device))
+    n = student.shape[0]
+    if num_positions is None:
+        num_positions = n
+    if num_positions < n:
+        raise KDError(f"num_positions={num_positions} is smaller than the {n} positions in this call")
+    return student, topk_ids, topk_logits, lse, hard_labels, num_positions
+
+
 def distillation_loss(
     student_logits: Tensor,
     topk_ids: Tensor,
@@ -219,22 +241,8 @@ def distillation_loss(
 
     Returns {"loss": objective, "kd": mean divergence (unscaled, detached), "ce": CE (detached)}.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise KDError(f"alpha must be in [0, 1], got {alpha}")
-    if hard_labels is None and alpha < 1.0:
-        raise KDError(f"alpha={alpha} mixes in cross-entropy but no hard labels were given; use alpha=1")
-    if mask is not None:
-        rows = mask.to(device=student_logits.device, dtype=torch.bool).nonzero().squeeze(-1)
-        student_logits, topk_ids, topk_logits, lse = (
-            x.index_select(0, rows.to(x.device)) for x in (student_logits, topk_ids, topk_logits, lse)
-        )
-        if hard_labels is not None:
-            hard_labels = hard_labels.index_select(0, rows.to(hard_labels.device))
-    n = student_logits.shape[0]
-    if num_positions is None:
-        num_positions = n
-    if num_positions < n:
-        raise KDError(f"num_positions={num_positions} is smaller than the {n} positions in this call")
+    student_logits, topk_ids, topk_logits, lse, hard_labels, num_positions = objective_rows(
+        student_logits, topk_ids, topk_logits, lse, hard_labels, alpha=alpha, mask=mask, num_positions=num_positions)
     t = cache_temperature if temperature is None else temperature
     dtype = _compute_dtype(student_logits)
 

@@ -150,6 +150,16 @@ def load_tokenizer(path: str):
     return tok
 
 
+def finish_logits(z, logit_scale: float | None, softcap: float | None):
+    """What some LM heads apply after the output embedding (Cohere's logit scale, Gemma's soft cap):
+    the one definition that split_head, Projection, the student's Features and the fused loss share."""
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap:  # 0 / None: no cap
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
 def split_head(model, task_type: str):
     """(body, head) for LM tasks where we know how the forward composes them, else None.
 
@@ -166,12 +176,7 @@ def split_head(model, task_type: str):
         scale = getattr(model.config, "logit_scale", None)
 
         def head_fn(h):
-            z = head(h)
-            if scale is not None:
-                z = z * scale
-            if cap:
-                z = torch.tanh(z / cap) * cap
-            return z
+            return finish_logits(head(h), scale, cap)
 
         return body, head_fn
     if kind == "masked":
@@ -207,12 +212,7 @@ class Projection:
     softcap: float | None = None
 
     def logits(self, h):
-        z = self.linear(self.pre(h))
-        if self.logit_scale is not None:
-            z = z * self.logit_scale
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+        return finish_logits(self.linear(self.pre(h)), self.logit_scale, self.softcap)
 
 
 def projection(model, task_type: str) -> Projection | None:

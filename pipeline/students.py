@@ -26,7 +26,7 @@ from pipeline import tasks
 from pipeline.errors import KDError
 from pipeline.fingerprint import model_fingerprint, resolve_model_dir
 from pipeline.fit import check_labels, default_names, label_names
-from pipeline.models import Projection, auto_class, has_tokenizer, load_tokenizer, projection, split_head
+from pipeline.models import Projection, auto_class, finish_logits, has_tokenizer, load_tokenizer, projection, split_head
 
 
 def parse_layers(spec: str | Sequence[int] | None) -> list[int]:
@@ -158,12 +158,7 @@ class Features:
     softcap: float | None = None
 
     def logits(self) -> torch.Tensor:
-        z = torch.nn.functional.linear(self.hidden, self.weight, self.bias)
-        if self.logit_scale is not None:
-            z = z * self.logit_scale
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+        return finish_logits(torch.nn.functional.linear(self.hidden, self.weight, self.bias), self.logit_scale, self.softcap)
 
 
 def as_logits(out) -> torch.Tensor:
