@@ -50,6 +50,7 @@ from pipeline.progress import say
 NOUNS = {"targets": "cache", "student": "student", "evaluation": "evaluation"}
 LEFTOVERS = ("tokenizer", "metrics.jsonl")  # written by an attempt before any of its work is kept
 _HELD: dict[str, int] = {}  # lock path -> descriptor, for the locks this process holds (re-entrant)
+_FORK_HOOK: list[bool] = []  # whether _forget_locks_in_child is registered (once, on the first lock)
 
 
 def lock_name(task: int) -> str:
@@ -218,7 +219,21 @@ def acquire(path: Path, out: Path, task: int, num_tasks: int) -> Path | None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, info, 0)
         _HELD[key] = fd
+        if not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_forget_locks_in_child)
+            _FORK_HOOK.append(True)
         return path
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the parent's open lock descriptions, and an
+    flock lasts while any process holds one: a worker that outlives a SIGKILLed writer by the few
+    seconds it takes to notice would keep the output locked against the rerun. The child closes
+    its copies; it never writes the output itself."""
+    for fd in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
 
 
 def release(path: Path) -> None:

@@ -5,6 +5,7 @@ SIGKILL holding it). Each test fails on the code before the hardening of issue 9
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -425,6 +426,29 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is
         assert json.loads((out / outputs.lock_name(0)).read_text())["pid"] == os.getpid()
     assert f"from pid {proc.pid}" in capsys.readouterr().err  # says whose lock it took over
     assert not (out / outputs.lock_name(0)).exists()
+
+
+FORKING_HOLDER = HOLDER.replace('print("held"', 'child = os.fork()\nif child == 0:\n    time.sleep(600)\nprint(child, "held"').replace(
+    "import sys", "import os, sys")
+
+
+def test_a_forked_child_of_a_killed_writer_does_not_keep_its_lock(tmp_path):
+    """A DataLoader worker outlives its SIGKILLed parent for a while; the rerun must not wait."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child, word = proc.stdout.readline().split()
+    assert word == "held"
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(int(child), 0)  # the child is still alive
+        with outputs.StageOutput(out, "student", "k" * 64).claimed({"config": {}}):
+            assert json.loads((out / outputs.lock_name(0)).read_text())["pid"] == os.getpid()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(child), signal.SIGKILL)
 
 
 def test_array_tasks_lock_separately_and_the_lock_is_reentrant(tmp_path):
