@@ -315,6 +315,25 @@ def test_torchrun_two_processes_cover_every_row_once_per_epoch(tmp_path, models)
     assert [r["rows"] for r in metrics(out) if r.get("event") == "epoch"] == [41, 41]
 
 
+def assert_same_training(a: dict, b: dict, lr: float, steps: int, skip: str | None = None) -> None:
+    """Two runs of the same math in different summation orders end with the same weights, up to
+    what Adam does to rounding: it divides each gradient by its own running size, so an element
+    whose true gradient is ~0 moves by up to lr per step in the direction of its rounding noise,
+    which differs between the two orders. So: every element within float tolerance except at most
+    one in a thousand, and those apart by no more than Adam's bound of 2 lr per step. A real
+    difference (e.g. a gradient missing its all-reduce) moves most elements of a tensor.
+    `skip`: parameters whose gradient is exactly zero in exact arithmetic (softmax ignores the
+    key bias), so all of their elements are such noise."""
+    total = off = 0
+    for k in a:
+        if skip and k.endswith(skip):
+            continue
+        close = torch.isclose(a[k], b[k], atol=2e-5, rtol=1e-4)
+        total, off = total + close.numel(), off + int((~close).sum())
+        assert float((a[k] - b[k]).abs().max()) <= 2 * lr * steps, k
+    assert off <= total / 1000, f"{off} of {total} weights differ"
+
+
 @pytest.mark.parametrize("task_type,tied", [("causal-lm", False), ("masked-lm", True)])
 @pytest.mark.parametrize("alpha", [0.5, 0.0])
 def test_fused_head_trains_to_the_same_weights_as_the_full_logits(tmp_path, caches, models, task_type, tied, alpha):
@@ -329,12 +348,7 @@ def test_fused_head_trains_to_the_same_weights_as_the_full_logits(tmp_path, cach
     a = auto_class(task_type).from_pretrained(tmp_path / "fused", dtype=torch.float32).state_dict()
     b = auto_class(task_type).from_pretrained(tmp_path / "full", dtype=torch.float32).state_dict()
     assert a.keys() == b.keys()
-    for k in a:
-        if k.endswith("attention.self.key.bias"):
-            # softmax is invariant to the key bias: its gradient is rounding noise, which Adam scales
-            # up to full-size steps, so its values differ between any two summation orders
-            continue
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    assert_same_training(a, b, lr=5e-5, steps=20, skip="attention.self.key.bias")
     fused, full = (read_manifest(tmp_path / n)["stats"]["final"]["loss"] for n in ("fused", "full"))
     assert fused == pytest.approx(full, rel=1e-4)
     if tied:
@@ -365,5 +379,6 @@ def test_fused_head_under_torchrun_matches_the_full_logits(tmp_path, caches, mod
         assert res.returncode == 0, res.stderr[-2000:]
         outs[fused] = auto_class(t).from_pretrained(out, dtype=torch.float32).state_dict()
     a, b = outs.values()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    assert_same_training(a, b, lr=3e-3, steps=6)
+    fused, full = (read_manifest(tmp_path / n)["stats"]["final"]["loss"] for n in ("fused-head", "no-fused-head"))
+    assert fused == pytest.approx(full, rel=1e-4)
