@@ -65,7 +65,10 @@ class TeacherConfig:
     id_column: str | None = flag(None, "Default: id where present, else the row index.")
     max_length: int = flag(512, "Tokens per example (longer inputs are truncated and counted).")
     top_k: int = flag(32, "Ids kept per position (classification: min(k, C), so exact).")
-    temperature: float = flag(1.0, "T of the stored z/T.")
+    temperature: float | None = flag(None, "T of the stored z/T (default: the first of --temperatures, else 1).")
+    temperatures: Any = flag(None, "A grid of T, e.g. 1,2,4: z/T stored at the first, plus the full-vocabulary logsumexp "
+                                   "at every one, so students train at any of them with the exact tail.",
+                             metavar="T1,T2,...")
     dtype: str = flag("auto", "Teacher compute dtype (auto: bf16 on a GPU, float32 on the CPU).", choices=DTYPES)
     value_dtype: str = flag("float16", "Stored dtype of topk_logits.", choices=("float16", "float32"))
     batch_tokens: int = flag(16384, "Token budget per teacher batch (padded).")
@@ -80,13 +83,53 @@ class TeacherConfig:
     progress: bool = internal(True)
     profile: bool = internal(False)  # synchronised body / head timers in the stats (benchmarks only)
 
+    def grid(self) -> list[float]:
+        """The temperatures the cache is built for, the stored one first: --temperatures, or [--temperature]
+        (1 when neither is given). Refused unless positive, finite and distinct, and unless a --temperature
+        given beside a grid is its first entry: the values are stored at that one, so the two would contradict."""
+        if self.temperatures is None:
+            t = 1.0 if self.temperature is None else float(self.temperature)
+            if not (math.isfinite(t) and t > 0):
+                raise KDError(f"--temperature must be a positive finite number, got {t}")
+            return [t]
+        raw = self.temperatures.split(",") if isinstance(self.temperatures, str) else self.temperatures
+        raw = raw if isinstance(raw, (list, tuple)) else [raw]
+        try:
+            if any(isinstance(t, bool) for t in raw):
+                raise ValueError
+            grid = [float(str(t).strip()) for t in raw if str(t).strip()]
+        except ValueError:
+            raise KDError(f"--temperatures must be numbers separated by commas, e.g. 1,2,4, not {short(self.temperatures)}") from None
+        if not grid:
+            raise KDError("--temperatures is empty; give at least one temperature, e.g. 1,2,4")
+        for i, t in enumerate(grid):
+            if not (math.isfinite(t) and t > 0):
+                raise KDError(f"--temperatures must all be positive finite numbers, got {t:g}; drop it from the grid")
+            if any(math.isclose(t, u, rel_tol=1e-9) for u in grid[:i]):
+                raise KDError(f"--temperatures lists {t:g} twice; give each temperature once")
+        if self.temperature is not None and not math.isclose(float(self.temperature), grid[0], rel_tol=1e-9):
+            raise KDError(f"--temperature {self.temperature:g} is not the first of --temperatures "
+                          f"{','.join(f'{t:g}' for t in grid)} (the T the values are stored at); drop --temperature "
+                          f"or list {self.temperature:g} first")
+        return grid
+
+    def resolved(self) -> "TeacherConfig":
+        """This config with the grid settled: temperature = its first entry, temperatures = the grid as
+        floats when it has more than one (else None, so a one-entry grid is recorded, keyed and stored
+        exactly as --temperature alone)."""
+        grid = self.grid()
+        return dataclasses.replace(self, temperature=grid[0], temperatures=grid if len(grid) > 1 else None)
+
 
 @dataclasses.dataclass
 class TrainConfig:
     """Stage 2: train a student from a targets cache (stage 0 without one); resumes from its checkpoints."""
 
     out: str | None = flag(None, "Output directory of the student.", key=False)
-    targets: str | None = flag(None, "A complete targets cache (absent: plain fine-tuning on --data with cross-entropy).")
+    targets: list[str] | None = flag(None, "A complete targets cache (absent: plain fine-tuning on --data with "
+                                           "cross-entropy); repeat to stream several caches of one teacher as one "
+                                           "training set, e.g. a labelled one and an unlabelled transfer set.",
+                                     multiple=True, metavar="DIR")
     data: str | None = flag(None, "Without --targets: the dataset to fine-tune on (as for `kd teacher`).")
     split: str = flag("train", "Without --targets: the split of --data.")
     encoding: str = flag("utf-8", "Without --targets: text encoding of --data files (as for `kd teacher`).", key=False)
@@ -128,6 +171,12 @@ class TrainConfig:
     device: str = flag("auto", "cuda when present, else cpu.")
     progress: bool = internal(True)
 
+    def __post_init__(self):
+        if isinstance(self.targets, (str, Path)):  # one cache, as programs and older YAML files give it
+            self.targets = [str(self.targets)]
+        elif self.targets is not None:
+            self.targets = [str(t) for t in self.targets] or None
+
 
 @dataclasses.dataclass
 class EvalConfig:
@@ -163,7 +212,48 @@ class EvalConfig:
     progress: bool = internal(True)
 
 
-STAGES = {"teacher": TeacherConfig, "train": TrainConfig, "eval": EvalConfig}
+# `kd tune` trains one `kd train` student per (T, alpha, loss) grid point. It takes every `kd train`
+# flag, applied to every point, except those it sets per point (TUNE_SETS) and those of fine-tuning
+# without a cache (TUNE_DROPS: tune always distils from one). Derived, not copied, so that a new
+# `kd train` flag is a `kd tune` flag too.
+TUNE_SETS = ("out", "temperature", "alpha", "loss", "eval_targets", "sweep", "task_index")
+TUNE_DROPS = ("data", "split", "encoding", "task_type", "text_column", "text_pair_column", "label_column", "labels",
+              "max_length", "limit")
+
+
+def _tune_config():
+    own = [
+        ("eval_targets", "str", flag(help="The validation targets cache every point is scored on (of the teacher, "
+                                          "tokenizer and task of --targets).", required=True, metavar="DIR")),
+        ("out", "str", flag(help="Output directory: points/<name>/ (the students), evals/<name>/, tune.parquet, "
+                                 "heatmap.png, report.md, manifest.json.", required=True, key=False)),
+        ("temperatures", "Any", flag("1,2,4", "Training temperatures T of the grid.", metavar="T1,T2,...")),
+        ("alphas", "Any", flag("0.5,0.9,1.0", "KD weights alpha of the grid (each in [0, 1]).", metavar="A1,A2,...")),
+        ("losses", "Any", flag("kl", f"Divergences of the grid ({', '.join(LOSSES)}).", metavar="L1,L2,...")),
+        ("task_index", "int | None", flag(None, "Train and evaluate only grid point N (array task N of `kd slurm tune`; "
+                                                "default: from SLURM/PBS/LSF/SGE array variables, else every point, "
+                                                "then the outputs).", key=False)),
+    ]
+    inherited = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in TUNE_SETS + TUNE_DROPS:
+            continue
+        if f.name == "targets":  # required: tune distils from the cache(s)
+            meta = {**f.metadata, "required": True, "help": "The training targets cache(s) every point streams (the "
+                                                            "teacher never runs again)."}
+            inherited.append((f.name, f.type, dataclasses.field(metadata=meta)))
+        else:
+            inherited.append((f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                                metadata=f.metadata)))
+    return dataclasses.make_dataclass(
+        "TuneConfig", own + inherited, kw_only=True,
+        namespace={"__module__": __name__, "__doc__": "Choose T, alpha and the loss by measurement: one student per "
+                                                      "grid point from the same cache(s), each scored on a validation "
+                                                      "cache; the best point is named in report.md."})
+
+
+TuneConfig = _tune_config()
+STAGES = {"teacher": TeacherConfig, "train": TrainConfig, "eval": EvalConfig, "tune": TuneConfig}
 
 
 def flags(cls) -> list[dataclasses.Field]:
@@ -249,7 +339,9 @@ def _typed(f: dataclasses.Field, hint, value: Any, where: str) -> Any:
             value = str(value)
         ok = isinstance(value, str)
     elif typing.get_origin(hint) is list:
-        value = [value] if isinstance(value, str) else value
+        value = [value] if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
+        if value == [] and f.default is None:  # a repeatable flag not given
+            return None
         ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
     else:  # Any: a comma-separated string or a list of plain values (--labels, --student-layers)
         ok = isinstance(value, (str, int)) and not isinstance(value, bool) \

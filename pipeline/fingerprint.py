@@ -138,7 +138,7 @@ def dataset_fingerprint(data: str, split: str, columns: dict[str, str | None], r
 
 def cache_key(*, teacher: dict, tokenizer: dict, dataset: dict, task_type: str, max_length: int,
               top_k: int, temperature: float, value_dtype: str, mask: dict | None,
-              format_version: int, vocab_limit: int | None = None) -> str:
+              format_version: int, vocab_limit: int | None = None, temperatures: list[float] | None = None) -> str:
     body = {
         "teacher": teacher["sha256"],
         "tokenizer": tokenizer["sha256"],
@@ -153,4 +153,6 @@ def cache_key(*, teacher: dict, tokenizer: dict, dataset: dict, task_type: str, 
     }
     if vocab_limit is not None:  # only for padded vocabularies, so every other cache keeps its key
         body["vocab_limit"] = int(vocab_limit)
+    if temperatures is not None and len(temperatures) > 1:  # a grid: its lse columns are content; one T keeps its key
+        body["temperatures"] = [float(t) for t in temperatures]
     return io.sha256_bytes(io.canonical_json(body).encode())

@@ -93,3 +93,34 @@ def fit(task_type: str, config, tokenizer, cache: dict, where: str, source: str)
                       f"with a teacher whose vocabulary covers its tokenizer")
     padded = embeds > real or teacher_outputs > real
     return Fit("ids", real if padded else None)
+
+
+# What must agree between caches that one student streams as one training set (a labelled cache
+# and an unlabelled transfer set, say): the same teacher outputs over the same ids, so that every
+# row's targets mean the same thing, and the same layout, so that rows of both share a batch.
+# The data, the max length and the masks may differ.
+SAME_IN_EVERY_CACHE = {
+    "task type": lambda m: m["stats"]["task_type"],
+    "teacher": lambda m: m["fingerprints"]["teacher"]["sha256"],
+    "tokenizer": lambda m: m["fingerprints"]["tokenizer"]["sha256"],
+    "temperature": lambda m: float(m["stats"]["temperature"]),
+    "temperature grid": lambda m: m["stats"].get("temperatures"),
+    "top-k": lambda m: m["stats"]["top_k"],
+    "value dtype": lambda m: m["stats"]["value_dtype"],
+    "labels": lambda m: m["stats"].get("id2label"),
+    "vocabulary limit": lambda m: m["stats"].get("vocab_limit"),
+    "text pair column": lambda m: bool((m["config"].get("columns") or {}).get("text_pair")),
+}
+
+
+def check_caches_agree(caches: list[dict], paths: list[str]) -> None:
+    """Refuse, naming the first field that differs, caches that cannot be streamed as one set."""
+    first = caches[0]
+    for m, path in zip(caches[1:], paths[1:]):
+        for field, value in SAME_IN_EVERY_CACHE.items():
+            a, b = value(first), value(m)
+            if a != b:
+                shown = (lambda v: str(v)[:12]) if field in ("teacher", "tokenizer") else str
+                raise KDError(f"--targets {path} differs from {paths[0]} in its {field} ({shown(b)} vs {shown(a)}); "
+                              f"several caches of one student must come from one teacher run the same way (kd teacher "
+                              f"with the same model, tokenizer, --top-k, --temperature and --value-dtype)")

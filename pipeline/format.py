@@ -6,6 +6,11 @@ fields and ~64K positions per row group halve the bytes of pyarrow's defaults an
 quarter faster. Values stay in rank order so a reader can truncate to a smaller k for free.
 The schema is checked on every read: a cache written by another version or tool is refused
 with a message instead of being silently misread.
+
+One optional column, `lse_grid` (list<list<float32>>: per position, logsumexp(z/T) at every
+temperature of a `kd teacher --temperatures` grid, in grid order, so lse_grid[p][0] == lse[p]),
+is present only in grid caches. It is an addition, not a new version: the format version stays 1
+and a reader that does not know it ignores the extra column (every column it needs is unchanged).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ def _list(t: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("item", t, nullable=False))
 
 
-def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False) -> pa.Schema:
+def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False, lse_grid: bool = False) -> pa.Schema:
     """The Arrow schema of a shard for a task type; text fields are kept so that a student
-    with its own tokenizer can re-tokenise classification inputs."""
+    with its own tokenizer can re-tokenise classification inputs. `lse_grid`: a grid cache's
+    extra column (see the module doc)."""
     task = tasks.get(task_type)
     if value_dtype not in VALUE_DTYPES:
         raise KDError(f"unknown value dtype {value_dtype!r}: use float16 or float32")
@@ -51,10 +57,12 @@ def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False
         pa.field("topk_logits", _list(_list(VALUE_DTYPES[value_dtype])), nullable=False),
         pa.field("lse", _list(pa.float32()), nullable=False),
     ]
+    if lse_grid:
+        fields.append(pa.field("lse_grid", _list(_list(pa.float32())), nullable=False))
     return pa.schema(fields)
 
 
-PAYLOAD_COLUMNS = ("input_ids", "positions", "topk_ids", "topk_logits", "lse")
+PAYLOAD_COLUMNS = ("input_ids", "positions", "topk_ids", "topk_logits", "lse", "lse_grid")
 
 
 def _leaf_path(schema: pa.Schema, name: str) -> str:
@@ -83,7 +91,7 @@ def write_shard(path: str | os.PathLike, table: pa.Table, metadata: dict[str, st
             compression="zstd",
             compression_level=1,
             use_dictionary=False,
-            use_byte_stream_split=[_leaf_path(table.schema, c) for c in PAYLOAD_COLUMNS],
+            use_byte_stream_split=[_leaf_path(table.schema, c) for c in PAYLOAD_COLUMNS if c in table.schema.names],
             write_statistics=["row"],
             store_schema=True,
         )
@@ -103,8 +111,10 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def check_shard(path: str | os.PathLike, task_type: str, value_dtype: str, text_pair: bool,
-                cache_key: str | None = None) -> pq.ParquetFile:
-    """Open a shard and refuse it, naming the difference, unless it matches format version 1."""
+                cache_key: str | None = None, lse_grid: bool = False) -> pq.ParquetFile:
+    """Open a shard and refuse it, naming the difference, unless it matches format version 1.
+    `lse_grid`: the caller reads that optional column, so it must be there; it is type-checked
+    whenever it is present, and otherwise never required."""
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for damaged files
@@ -114,8 +124,8 @@ def check_shard(path: str | os.PathLike, task_type: str, value_dtype: str, text_
         raise KDError(f"{path}: format version {md.get('format_version')!r}, this kd reads {FORMAT_VERSION}; regenerate the cache")
     if cache_key is not None and md.get("cache_key") != cache_key:
         raise KDError(f"{path}: belongs to cache {md.get('cache_key', '?')[:12]}, not {cache_key[:12]}; the directory mixes two caches")
-    want = schema(task_type, value_dtype, text_pair)
     got = pf.schema_arrow
+    want = schema(task_type, value_dtype, text_pair, lse_grid=lse_grid or "lse_grid" in got.names)
     for f in want:
         if f.name not in got.names:
             raise KDError(f"{path}: column {f.name!r} is missing; regenerate the cache")

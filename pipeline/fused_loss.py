@@ -62,6 +62,13 @@ class _Objective:
     temperature: float
     num_positions: int
     num_labelled: int
+    lse_temperature: float | None = None  # the T of the given lse: the cache's (None), or a grid temperature
+
+    @property
+    def exact_tail(self) -> bool:
+        """The teacher's tail is known at the training T: lse was taken at it (pipeline.losses.choose_lse)."""
+        lse_t = self.cache_temperature if self.lse_temperature is None else self.lse_temperature
+        return math.isclose(lse_t, self.temperature, rel_tol=1e-9)
 
     def combine(self, kd: Tensor, ce: Tensor) -> Tensor:
         t = self.temperature
@@ -85,7 +92,7 @@ def _chunk_sums(z: Tensor, targets: tuple[Tensor, Tensor, Tensor] | None, labels
         with torch.set_grad_enabled(grad and obj.alpha > 0.0):
             ids, values, lse = targets
             kd = kd_loss_sum(z, ids, values, lse, loss=obj.loss, cache_temperature=obj.cache_temperature,
-                             temperature=obj.temperature)
+                             temperature=obj.temperature, lse_temperature=obj.lse_temperature)
     ce = zero
     if labels is not None:
         with torch.set_grad_enabled(grad and obj.alpha < 1.0):
@@ -94,8 +101,8 @@ def _chunk_sums(z: Tensor, targets: tuple[Tensor, Tensor, Tensor] | None, labels
 
 
 def _kl_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, grad: bool):
-    """(KD sum, CE sum, g) of one chunk for the default objective -- loss "kl" with the exact tail at
-    the cache temperature -- with the gradient written down instead of taken by autograd, or None
+    """(KD sum, CE sum, g) of one chunk for the default objective -- loss "kl" with the exact tail, at
+    the cache temperature or a grid temperature of it -- with the gradient written down instead of taken by autograd, or None
     where that formula does not hold and the caller falls back to autograd.
 
     Why: autograd through `kd_loss_sum` keeps several [chunk, V] intermediates and passes over them
@@ -111,7 +118,7 @@ def _kl_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, grad: 
     (a log-prob below the floor, a stored mass so close to 1 that the tail takes the exact route)
     returns None."""
     ids, values, lse = targets
-    if ids.shape[1] >= z.shape[1] or not math.isclose(obj.cache_temperature, obj.temperature, rel_tol=1e-9):
+    if ids.shape[1] >= z.shape[1] or not obj.exact_tail:
         return None
     floor, t = _floor(z.dtype), obj.temperature
     q = torch.softmax(z / t if t != 1.0 else z, dim=-1)  # one fused pass; it becomes the gradient, in place
@@ -121,7 +128,7 @@ def _kl_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, grad: 
     if bool((log_q < floor).any()) or bool((log_mass > math.log1p(-TAIL_EXACT_BELOW)).any()):
         return None
     log_q_tail = _log1mexp(log_mass).clamp(min=floor)
-    log_p, log_p_tail = teacher_log_probs(values.to(z.dtype), lse, obj.cache_temperature, t)
+    log_p, log_p_tail = teacher_log_probs(values.to(z.dtype), lse, obj.cache_temperature, t, obj.lse_temperature)
     log_pb = torch.cat([log_p, log_p_tail.unsqueeze(-1)], dim=-1)
     kd = _divergence("kl", log_pb, torch.cat([log_q, log_q_tail.unsqueeze(-1)], dim=-1)).sum()
     ce, c_rows, sm = z.new_zeros(()), None, None
@@ -301,6 +308,7 @@ def fused_distillation_loss(
     logit_scale: float | None = None,
     softcap: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    lse_temperature: float | None = None,
 ) -> dict[str, Tensor]:
     """`distillation_loss` of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))``, fused.
 
@@ -326,7 +334,8 @@ def fused_distillation_loss(
     device = hidden.device
     labels = hard_labels.to(device=device, dtype=torch.long) if hard_labels is not None else None
     t = cache_temperature if temperature is None else temperature
-    objective = _Objective(alpha, loss, cache_temperature, t, num_positions, _label_count(labels, num_labelled))
+    objective = _Objective(alpha, loss, cache_temperature, t, num_positions, _label_count(labels, num_labelled),
+                           lse_temperature)
     targets = (topk_ids.to(device=device, dtype=torch.long), topk_logits.to(device), lse.to(device))
     total, kd, ce = _run(hidden, weight, bias, targets, labels, objective, _Head(logit_scale, softcap), chunk_bytes)
     return {"loss": total, "kd": kd, "ce": ce}

@@ -40,6 +40,7 @@ class Inputs:
 
 def resolve_inputs(cfg: TeacherConfig) -> Inputs:
     """Resolve model, tokenizer and data, fingerprint them and derive the cache key."""
+    grid = cfg.grid()  # refused before any hashing
     model_dir = resolve_model_dir(cfg.model)
     mconfig = load_config(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
@@ -65,8 +66,8 @@ def resolve_inputs(cfg: TeacherConfig) -> Inputs:
     mask = {"seed": cfg.mask_seed, "prob": cfg.mask_prob} if task.masked else None
     key = cache_key(teacher=fps["teacher"], tokenizer=fps["tokenizer"], dataset=fps["dataset"],
                     task_type=cfg.task_type, max_length=max_length, top_k=top_k,
-                    temperature=cfg.temperature, value_dtype=cfg.value_dtype, mask=mask,
-                    format_version=fmt.FORMAT_VERSION, vocab_limit=vocab_limit)
+                    temperature=grid[0], value_dtype=cfg.value_dtype, mask=mask,
+                    format_version=fmt.FORMAT_VERSION, vocab_limit=vocab_limit, temperatures=grid)
     return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key, max_length, vocab_limit)
 
 

@@ -51,7 +51,7 @@ def _summarize(directory: Path, m: dict) -> dict:
     stats = m["stats"]
     pair = ((m.get("config") or {}).get("columns") or {}).get("text_pair") is not None
     for path in _shards(directory, m):
-        pf = fmt.check_shard(path, stats["task_type"], stats["value_dtype"], pair, m["key"])
+        pf = fmt.check_shard(path, stats["task_type"], stats["value_dtype"], pair, m["key"], lse_grid=bool(stats.get("temperatures")))
         for batch in pf.iter_batches(columns=["topk_logits", "lse", "truncated"], batch_size=4096):
             df = pl.from_arrow(batch)
             rows += df.height
@@ -76,6 +76,7 @@ def _summarize(directory: Path, m: dict) -> dict:
         "positions": positions,
         "top_k": stats.get("top_k"),
         "temperature": stats.get("temperature"),
+        "temperatures": stats.get("temperatures") or [stats.get("temperature")],  # the grid: an exact tail at each
         "value_dtype": stats.get("value_dtype"),
         "shards": len(m["files"]),
         "bytes": total_bytes,
@@ -106,15 +107,16 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
     from pipeline.softtargets import Extractor
 
     stats = m["stats"]
+    grid = stats.get("temperatures")  # a grid cache: every stored lse is compared
     table = pq.ParquetDataset([str(p) for p in _shards(directory, m)]).read(
-        columns=["row", "input_ids", "positions", "topk_ids", "topk_logits", "lse"])
+        columns=["row", "input_ids", "positions", "topk_ids", "topk_logits", "lse_grid" if grid else "lse"])
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False).tolist())
     dev = pick_device(device)
     model = load_model(model_path, stats["task_type"], dtype=pick_dtype(dtype, dev), device=dev)
     k = int(stats["top_k"])
     wide = min(int(stats["outputs"]), max(2 * k, k + 8))  # room for ids tied at the k-th boundary
-    extractor = Extractor(model, stats["task_type"], wide, stats["temperature"], vocab_limit=stats.get("vocab_limit"))
+    extractor = Extractor(model, stats["task_type"], wide, stats["temperature"], vocab_limit=stats.get("vocab_limit"), grid=grid)
     worst = [0.0, 0.0]  # |Δ value|, |Δ lse|
     for i in picks:
         r = {c: table[c][i].as_py() for c in table.column_names}
@@ -128,7 +130,7 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
             where = f"row {r['row']} position {pos}"
             _compare_ids(where, np.asarray(r["topk_ids"][p], dtype=np.int64), vals_old[p], ids_new[p].astype(np.int64),
                          vals_new[p], k, tol, worst, model_path)
-        worst[1] = max(worst[1], float(np.abs(np.asarray(r["lse"]) - lse_new).max()))
+        worst[1] = max(worst[1], float(np.abs(np.asarray(r["lse_grid" if grid else "lse"]) - lse_new).max()))
         if worst[1] > tol:
             raise KDError(f"row {r['row']}: stored logsumexp differs from a fresh teacher run by {worst[1]:.4g} (> {tol:.3g}); "
                           f"the cache does not match {model_path}")

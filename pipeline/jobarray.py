@@ -130,6 +130,12 @@ def _agree(readings: list[_Reading], field: str, var_field: str) -> tuple[int | 
     return known[0] if known else (None, "")
 
 
+def in_array(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is a job-array task (some scheduler gives it an index): `kd tune`
+    then trains one grid point, and outside an array all of them."""
+    return any(r.index is not None for r in _readings(os.environ if env is None else env))
+
+
 def resolve_task(task_index: int | None = None, num_tasks: int | None = None,
                  env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """This process's (task_index, num_tasks), 0-based, from explicit arguments and `env`.

@@ -63,15 +63,18 @@ class Unit:
 
 
 class ParquetSource:
-    """The row groups of a cache's shards, in frozen order; files are opened lazily per process."""
+    """The row groups of a cache's shards, in frozen order; files are opened lazily per process.
+    Several caches streamed as one set are one source: `cache_key` is then one key per path."""
 
     def __init__(self, paths: Sequence[str | Path], task_type: str, value_dtype: str, text_pair: bool,
-                 cache_key: str | None = None):
+                 cache_key: str | Sequence[str] | None = None, lse_grid: bool = False):
         self.paths = [str(p) for p in paths]
-        self.task_type, self.value_dtype, self.text_pair, self.cache_key = task_type, value_dtype, text_pair, cache_key
+        self.lse_grid = lse_grid  # the collate reads a grid cache's lse_grid column: every shard must have it
+        self.task_type, self.value_dtype, self.text_pair = task_type, value_dtype, text_pair
+        self.keys = [cache_key] * len(self.paths) if cache_key is None or isinstance(cache_key, str) else list(cache_key)
         self.groups: list[tuple[int, int, int]] = []  # (file, group, rows)
         for i, p in enumerate(self.paths):
-            pf = fmt.check_shard(p, task_type, value_dtype, text_pair, cache_key)
+            pf = fmt.check_shard(p, task_type, value_dtype, text_pair, self.keys[i], lse_grid)
             md = pf.metadata
             self.groups += [(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
         self._open: dict[int, pq.ParquetFile] = {}
@@ -84,7 +87,7 @@ class ParquetSource:
         pf = self._open.get(unit.file)
         if pf is None:
             pf = self._open[unit.file] = fmt.check_shard(self.paths[unit.file], self.task_type, self.value_dtype,
-                                                         self.text_pair, self.cache_key)
+                                                         self.text_pair, self.keys[unit.file], self.lse_grid)
         return _subset(pf.read_row_group(unit.group, columns=list(columns)), unit)
 
     def __getstate__(self):  # open file handles do not cross process boundaries
@@ -192,17 +195,22 @@ class Collate:
     and masked-lm `labels[positions]`; causal-lm `input_ids[positions + 1]`; -100 = none.
     With `tokenizer` set (sequence-classification, a student with its own vocabulary), the
     stored text is re-tokenised and the one target position is the sequence output.
+    With `lse_index` j > 0 (training at the j-th temperature of a grid cache, see
+    pipeline.losses.choose_lse), batch["lse"] is that column of `lse_grid` instead of `lse`.
     """
 
-    def __init__(self, task_type: str, pad_id: int, targets: bool, tokenizer=None, max_length: int = 512):
+    def __init__(self, task_type: str, pad_id: int, targets: bool, tokenizer=None, max_length: int = 512,
+                 lse_index: int = 0):
         self.task_type, self.pad_id, self.targets = task_type, int(pad_id), targets
+        self.lse_index = lse_index
         self.hard_labels = tasks.get(task_type).hard_labels
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def columns(self, text_pair: bool) -> list[str]:
         cols = ["row", "labels", "positions"]
         cols += (["text", "text_pair"] if text_pair else ["text"]) if self.tokenizer is not None else ["input_ids"]
-        return cols + (list(TARGET_COLUMNS) if self.targets else [])
+        lse = ["lse_grid"] if self.lse_index else ["lse"]
+        return cols + (["topk_ids", "topk_logits", *lse] if self.targets else [])
 
     def decode(self, t: pa.Table) -> Block:
         rows = {"row": t.column("row").to_numpy()}
@@ -215,7 +223,7 @@ class Collate:
                 raise KDError(f"rows {rows['row'][:3].tolist()}…: top-k lists of different lengths; the cache is damaged, rebuild it")
             pos["topk_ids"] = flat.reshape(-1, k)
             pos["topk_logits"] = _ragged(_ragged_inner(t.column("topk_logits")))[1].reshape(-1, k)
-            pos["lse"] = _ragged(t.column("lse"))[1]
+            pos["lse"] = self._grid_lse(t) if self.lse_index else _ragged(t.column("lse"))[1]
             if not len(pos["lse"]) == len(positions) == len(pos["topk_ids"]):
                 raise KDError(f"rows {rows['row'][:3].tolist()}…: {len(pos['lse'])} targets for {len(positions)} positions; the cache is "
                               f"damaged, rebuild it")
@@ -234,6 +242,15 @@ class Collate:
                 tok["labels"] = self._token_labels(labels, tok_len)
             groups["tok"] = (tok_len, tok)
         return Block(rows, groups)
+
+    def _grid_lse(self, t: pa.Table) -> np.ndarray:
+        """Column `lse_index` of lse_grid, one value per position (the grid's lse at the training T)."""
+        g_len, flat = _ragged(_ragged_inner(t.column("lse_grid")))
+        g = int(g_len[0]) if len(g_len) else self.lse_index + 1
+        if (g_len != g).any() or g <= self.lse_index:
+            raise KDError(f"lse_grid holds {g} temperatures, fewer than the manifest's grid (or a varying number); the cache "
+                          f"is damaged, rebuild it")
+        return flat.reshape(-1, g)[:, self.lse_index]
 
     @staticmethod
     def _token_labels(labels: pa.Array, tok_len: np.ndarray) -> np.ndarray:

@@ -8,6 +8,10 @@ else (the "tail"). The default loss therefore compares teacher and student over 
 buckets -- the k stored ids plus one tail bucket -- which is a true KL between two
 distributions (a coarsening of the full-vocabulary KL), not the biased top-k-renormalised one.
 
+A grid cache (pipeline.softtargets) also holds ``lse`` at other temperatures; a loss at a grid
+temperature T' takes that lse (``lse_temperature = T'``) with the values rescaled by
+``T_cache / T'`` and keeps the exact tail. `choose_lse` makes that decision for every reader.
+
 Numerics: every log-probability is clamped below at ``log(finfo.tiny)`` of the compute dtype,
 so no bucket is ever -inf; a bucket whose probability underflows then contributes
 ``0 * finite == 0`` instead of ``0 * inf == NaN``. When k == V the tail is empty by
@@ -17,6 +21,7 @@ construction and is dropped rather than estimated, so the result equals the dens
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +30,7 @@ from torch import Tensor
 from pipeline.config import LOSSES
 from pipeline.errors import KDError
 
-__all__ = ["LOSSES", "distillation_loss", "kd_loss_sum", "teacher_log_probs"]
+__all__ = ["LOSSES", "LseChoice", "cache_grid", "choose_lse", "distillation_loss", "kd_loss_sum", "teacher_log_probs"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -50,8 +55,43 @@ def _same_temperature(cache_temperature: float, temperature: float) -> bool:
     return math.isclose(cache_temperature, temperature, rel_tol=1e-9, abs_tol=0.0)
 
 
+class LseChoice(NamedTuple):
+    """Which logsumexp a reader of a cache takes for a training (or evaluation) temperature T'."""
+
+    column: str          # "lse", or "lse_grid" for a grid temperature other than the stored one
+    index: int           # the grid column of lse_grid (0 for "lse")
+    temperature: float   # the T that lse was taken at: T' on the grid, else the stored T
+    exact: bool          # T' is on the grid: the teacher's tail is known exactly
+
+
+def cache_grid(stats: dict) -> list[float]:
+    """The temperatures a cache holds an lse for, the stored one first: the manifest's
+    `temperatures` (a grid cache), else [`temperature`] (every one-T cache, old ones included)."""
+    t = float(stats["temperature"])
+    grid = stats.get("temperatures")
+    if grid is None:
+        return [t]
+    ok = isinstance(grid, list) and len(grid) > 1 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                          and math.isfinite(x) and x > 0 for x in grid)
+    if not ok or float(grid[0]) != t:
+        raise KDError(f"the cache manifest's temperatures {str(grid)[:80]} do not form a grid starting at its temperature {t:g}; "
+                      f"the manifest is damaged: rebuild the cache")
+    return [float(x) for x in grid]
+
+
+def choose_lse(grid: Sequence[float], temperature: float) -> LseChoice:
+    """The lse to use at `temperature` from a cache with this grid (`cache_grid`), and whether the
+    tail is then exact: on the grid, the lse taken at that very T (the values are rescaled by
+    T_cache / T, pipeline.softtargets); off it, the stored lse, and the loss renormalises."""
+    for j, t in enumerate(grid):
+        if _same_temperature(t, temperature):
+            return LseChoice("lse" if j == 0 else "lse_grid", j, float(t), True)
+    return LseChoice("lse", 0, float(grid[0]), False)
+
+
 def teacher_log_probs(
-    topk_logits: Tensor, lse: Tensor, cache_temperature: float, temperature: float
+    topk_logits: Tensor, lse: Tensor, cache_temperature: float, temperature: float,
+    lse_temperature: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Teacher log-probabilities at the stored ids, and of the tail when it is known.
 
@@ -60,18 +100,23 @@ def teacher_log_probs(
     logsumexp so that a tail of 1e-12 survives. Rounding (e.g. float16 logits) can push the
     stored mass to >= 1; such tails are clamped to the finite floor rather than NaN.
 
-    At any other temperature only ratios between stored logits are known (``lse`` at the new
-    temperature would need all V logits), so the stored ids are rescaled by
-    ``cache_T / T``, renormalised among themselves, and the tail is returned as ``None``.
-    Computed in float64 if ``topk_logits`` is float64, else float32.
+    ``lse_temperature`` is the T that ``lse`` was taken at (default: the cache's). When it is ``T``
+    -- the cache's own, or a grid temperature whose lse the caller picked (`choose_lse`) -- the
+    result is exact at T, with the stored values rescaled by ``cache_T / T``. Otherwise only
+    ratios between stored logits are known (``lse`` at the new temperature would need all V
+    logits), so the stored ids are rescaled by ``cache_T / T``, renormalised among themselves, and
+    the tail is returned as ``None``. Computed in float64 if ``topk_logits`` is float64, else float32.
     """
     if cache_temperature <= 0 or temperature <= 0:
         raise KDError(f"temperatures must be > 0, got cache {cache_temperature}, student {temperature}")
     dtype = _compute_dtype(topk_logits)
     logits = topk_logits.to(dtype)
     floor = _floor(dtype)
-    if not _same_temperature(cache_temperature, temperature):
+    lse_t = cache_temperature if lse_temperature is None else lse_temperature
+    if not _same_temperature(lse_t, temperature):
         return torch.log_softmax(logits * (cache_temperature / temperature), dim=-1).clamp(min=floor), None
+    if not _same_temperature(cache_temperature, temperature):  # a grid temperature: v * T_cache / T
+        logits = logits * (cache_temperature / temperature)
     log_p = logits - lse.to(device=logits.device, dtype=dtype).unsqueeze(-1)
     log_mass = torch.logsumexp(log_p, dim=-1).clamp(max=-torch.finfo(dtype).tiny)
     return log_p.clamp(min=floor), _log1mexp(log_mass).clamp(min=floor)
@@ -121,6 +166,7 @@ def kd_loss_sum(
     loss: str = "kl",
     cache_temperature: float = 1.0,
     temperature: float | None = None,
+    lse_temperature: float | None = None,
 ) -> Tensor:
     """Sum over the N positions of divergence(teacher, student) at temperature T.
 
@@ -140,8 +186,9 @@ def kd_loss_sum(
     - ``reverse-kl``: KL(q || p) over the k + 1 buckets (mode-seeking).
     - ``jsd``: Jensen-Shannon divergence over the k + 1 buckets (bounded by log 2).
 
-    If T differs from the cache temperature the teacher tail is unknown, so every loss falls
-    back to the k renormalised ids on both sides.
+    If T differs from ``lse_temperature`` (the T of ``lse``: the cache's, or a grid temperature,
+    see `choose_lse`) the teacher tail is unknown, so every loss falls back to the k renormalised
+    ids on both sides.
     """
     if loss not in LOSSES:
         raise KDError(f"unknown distillation loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -163,7 +210,7 @@ def kd_loss_sum(
     device = student_logits.device
     ids = topk_ids.to(device=device, dtype=torch.long)
     teacher = topk_logits.to(device=device, dtype=dtype)
-    log_p, log_p_tail = teacher_log_probs(teacher, lse, cache_temperature, t)
+    log_p, log_p_tail = teacher_log_probs(teacher, lse, cache_temperature, t, lse_temperature)
 
     s = student_logits.to(dtype)
     if t != 1.0:
@@ -221,6 +268,7 @@ def distillation_loss(
     num_positions: int | None = None,
     num_labelled: int | None = None,
     mask: Tensor | None = None,
+    lse_temperature: float | None = None,
 ) -> dict[str, Tensor]:
     """The training objective ``alpha * T^2 * KD + (1 - alpha) * CE``.
 
@@ -233,6 +281,8 @@ def distillation_loss(
     by the caller; they default to this call's counts. With the step-wide counts, summing the
     gradients of the micro-batches gives exactly the gradient of one big batch, which
     per-micro-batch means would not (micro-batches hold different numbers of positions).
+
+    ``lse_temperature``: the T that ``lse`` was taken at (`kd_loss_sum`; default the cache's).
 
     ``mask`` [N] bool optionally selects the rows that take part (e.g. to drop padding); rows
     outside it contribute nothing, not even NaN, and get zero gradient. ``hard_labels`` may be
@@ -249,7 +299,7 @@ def distillation_loss(
     def kd_mean() -> Tensor:
         kd_sum = kd_loss_sum(
             student_logits, topk_ids, topk_logits, lse,
-            loss=loss, cache_temperature=cache_temperature, temperature=t,
+            loss=loss, cache_temperature=cache_temperature, temperature=t, lse_temperature=lse_temperature,
         )
         return kd_sum / max(num_positions, 1)
 

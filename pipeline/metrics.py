@@ -204,7 +204,7 @@ def teacher_tail_mass(topk_logits, lse) -> np.ndarray:
 
 
 def kl_per_position(student_logits, topk_ids, topk_logits, lse, cache_temperature: float,
-                    chunk_elements: int = 1 << 24) -> np.ndarray:
+                    chunk_elements: int = 1 << 24, lse_temperature: float | None = None) -> np.ndarray:
     """KL(teacher || student) at T = 1 per position, over the k stored ids plus one tail bucket
     (the formulas: pipeline.softtargets; the training loss is pipeline.losses.kd_loss_sum).
 
@@ -217,6 +217,8 @@ def kl_per_position(student_logits, topk_ids, topk_logits, lse, cache_temperatur
     * T_cache != 1: lse is logsumexp(z/T_cache), which says nothing about the T = 1 tail, so the
       teacher is renormalised over its top-k and its tail bucket is 0.  The KL is then that of
       the teacher restricted to its top-k: a good proxy when the tail is small, not exact.
+    * unless `lse_temperature` is 1: a grid cache's lse at T = 1 (pipeline.losses.choose_lse) is
+      passed as `lse`, and the tail is exact as in the first case, whatever T_cache is.
 
     The student's buckets are its T = 1 probabilities at the same ids and its exact remaining
     mass.  With k = V the tail is empty, both tail buckets are 0 and the result is the dense KL.
@@ -242,7 +244,8 @@ def kl_per_position(student_logits, topk_ids, topk_logits, lse, cache_temperatur
         raise ValueError(f"topk_ids do not fit a student vocabulary of {v}")
     if cache_temperature <= 0:
         raise ValueError(f"cache_temperature must be > 0, got {cache_temperature}")
-    exact_tail = abs(cache_temperature - 1.0) < 1e-12 and k < v
+    lse_t = cache_temperature if lse_temperature is None else lse_temperature
+    exact_tail = abs(lse_t - 1.0) < 1e-12 and k < v
     out = np.empty(n, dtype=np.float64)
     step = max(1, chunk_elements // v)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):

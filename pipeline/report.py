@@ -121,6 +121,9 @@ def teacher_notes(stats: dict, teacher: dict) -> list[str]:
     if k >= int(stats["outputs"]):  # every output stored: z = T * (z/T) exactly, nothing is left out
         notes = [f"KL(T‖S) at T = 1 over all {stats['outputs']} outputs: the cache stores every one (k = "
                  f"{stats['outputs']}), so the teacher's distribution is exact at any T and so is the KL."]
+    elif T != 1.0 and 1.0 in [float(t) for t in stats.get("temperatures") or []]:  # a grid holding T = 1
+        notes = [f"KL(T‖S) at T = 1 over the teacher's stored top-{k} plus one bucket for the remaining (tail) mass: "
+                 f"the cache holds z/T at T = {T:g} and, on its temperature grid, the full logsumexp at T = 1."]
     else:
         notes = [f"KL(T‖S) at T = 1 over the teacher's stored top-{k}"
                  + (" plus one bucket for the remaining (tail) mass." if T == 1.0 else

@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline import config, tasks
+from pipeline import config, tasks, tuning
 from pipeline.errors import KDError, short
 
-TOP_KEYS = {"name", "workdir", "task_type", "data", "teacher", "targets", "students", "eval"}
-DATA_KEYS = {"train", "validation", "test", "text_column", "text_pair_column", "label_column", "id_column", "limit"}
+TOP_KEYS = {"name", "workdir", "task_type", "data", "teacher", "targets", "students", "tune", "eval"}
+DATA_KEYS = {"train", "transfer", "validation", "test", "text_column", "text_pair_column", "label_column", "id_column", "limit"}
 TEACHER_KEYS = {"model", "finetune"}
 PACKAGE_PREFIX = "python-package:"
 
@@ -33,6 +33,7 @@ class Plan:
     targets: dict[str, Any]         # split -> TeacherConfig
     students: list[tuple[str, Any]]  # (name, TrainConfig)
     evaluation: Any | None          # EvalConfig
+    tune: Any | None = None         # TuneConfig of a `tune:` block
 
 
 def _norm(d: Any, where: str) -> dict[str, Any]:
@@ -92,7 +93,17 @@ def _strings(d: dict, keys, where: str, path: Path) -> None:
             raise KDError(f"{path}: {where}{k} must be a string, not {short(v)}")
 
 
-def _students(entries: Any, path: Path, base: Path, work: Path, teacher_model: str, validation: bool) -> list:
+def _train_caches(entry: dict, work: Path, transfer: bool, where: str, path: Path) -> list[str]:
+    """The caches a student streams by default: the train split's, plus the transfer set's when the
+    pipeline has one and the entry does not say `transfer: false` (a labelled-only baseline)."""
+    use = entry.pop("transfer", True)
+    if not isinstance(use, bool):
+        raise KDError(f"{path}: {where}transfer must be true or false, not {short(use)}")
+    return [str(work / "targets" / "train")] + ([str(work / "targets" / "transfer")] if transfer and use else [])
+
+
+def _students(entries: Any, path: Path, base: Path, work: Path, teacher_model: str, validation: bool,
+              transfer: bool = False) -> list:
     """(name, TrainConfig) of each `students:` entry; a name is one directory under workdir/students."""
     if not isinstance(entries or [], list):
         raise KDError(f"{path}: students must be a list of mappings (flag: value), each with a name")
@@ -111,13 +122,47 @@ def _students(entries: Any, path: Path, base: Path, work: Path, teacher_model: s
             s["student_from_teacher"] = resolve_path(s["student_from_teacher"], base, f"students[{i}].student_from_teacher", path)
         elif s.get("student"):
             s["student"] = resolve_path(s["student"], base, f"students[{i}].student", path)
-        values = {"targets": str(work / "targets" / "train"), "out": str(work / "students" / name), **s}
+        caches = _train_caches(s, work, transfer, f"students[{i}].", path)
+        values = {"targets": caches, "out": str(work / "students" / name), **s}
         if validation and "eval_targets" not in s:
             values["eval_targets"] = str(work / "targets" / "validation")
         students.append((name, _build(config.TrainConfig, values, f"students[{i}] ({name})", path)))
     if len({n for n, _ in students}) != len(students):
         raise KDError(f"{path}: two students share a name; names must be unique")
     return students
+
+
+def _tune(block: Any, path: Path, base: Path, work: Path, teacher_model: str, validation: bool, transfer: bool = False):
+    """The TuneConfig of a `tune:` block (kd tune's flags): its grid trains from this pipeline's
+    train cache into workdir/tune and is scored on its validation cache; paths are the YAML's."""
+    if block is None:
+        return None
+    t = _norm(block, "tune")
+    _check_keys(t, {f.name for f in config.flags(config.TuneConfig)} - {"task_index"} | {"transfer"}, "tune", path)
+    caches = _train_caches(t, work, transfer, "tune.", path)
+    own = t.get("student_from_teacher") is True
+    _strings(t, ("student", "eval_targets", "out") + (() if own else ("student_from_teacher",)), "tune.", path)
+    if own:
+        t["student_from_teacher"] = teacher_model  # `true`: the (fine-tuned) teacher of this pipeline
+    elif t.get("student_from_teacher"):
+        t["student_from_teacher"] = resolve_path(t["student_from_teacher"], base, "tune.student_from_teacher", path)
+    elif t.get("student"):
+        t["student"] = resolve_path(t["student"], base, "tune.student", path)
+    for k in ("eval_targets", "out"):
+        if t.get(k):
+            t[k] = output_dir(t[k], base)
+    if t.get("targets"):
+        t["targets"] = [output_dir(v, base) for v in ([t["targets"]] if isinstance(t["targets"], str) else t["targets"])]
+    if not validation and not t.get("eval_targets"):
+        raise KDError(f"{path}: tune scores each grid point on the validation split's cache: add data.validation "
+                      f"(or tune.eval_targets)")
+    values = {"targets": caches, "eval_targets": str(work / "targets" / "validation"), "out": str(work / "tune"), **t}
+    cfg = _build(config.TuneConfig, values, "tune", path)
+    try:
+        tuning.grid(cfg.temperatures, cfg.alphas, cfg.losses)  # a bad grid fails now, not after stage 1
+    except KDError as exc:
+        raise KDError(f"{path}: tune: {exc}") from None
+    return cfg
 
 
 def load(path: str | Path, workdir: str | None = None) -> Plan:
@@ -136,7 +181,8 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
     _strings(data, DATA_KEYS - {"limit"}, "data.", path)
     if "train" not in data:
         raise KDError(f"{path}: data.train is required (the split the teacher labels and the students learn from)")
-    splits = {s: resolve_path(data[s], base, f"data.{s}", path) for s in ("train", "validation", "test") if data.get(s)}
+    splits = {s: resolve_path(data[s], base, f"data.{s}", path)
+              for s in ("train", "transfer", "validation", "test") if data.get(s)}
     columns = {k: data[k] for k in ("text_column", "text_pair_column", "label_column") if data.get(k)}
     limit = data.get("limit")
     limits = _norm(limit, "data.limit") if isinstance(limit, dict) else {s: limit for s in splits}
@@ -161,12 +207,15 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
     cache_root = output_dir(cache_root, base) if cache_root else str(work / "caches")
     targets = {}
     for split, file in splits.items():
+        # the transfer set is text without labels: its file need not have the label column
+        cols = {k: v for k, v in columns.items() if split != "transfer" or k != "label_column"}
         values = {"model": teacher_model, "data": file, "split": split,
-                  "task_type": task_type, "limit": limits.get(split), **columns, **tgt,
+                  "task_type": task_type, "limit": limits.get(split), **cols, **tgt,
                   "cache_root": cache_root, "out": str(work / "targets" / split)}
         targets[split] = _build(config.TeacherConfig, values, "targets", path)
 
-    students = _students(doc.get("students"), path, base, work, teacher_model, "validation" in targets)
+    students = _students(doc.get("students"), path, base, work, teacher_model, "validation" in targets, "transfer" in targets)
+    tune = _tune(doc.get("tune"), path, base, work, teacher_model, "validation" in targets, "transfer" in targets)
 
     evaluation = None
     if doc.get("eval") is not None:
@@ -179,4 +228,4 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
                   "split": split, "targets": str(work / "targets" / split),
                   "task_type": task_type, **columns, **ev, "out": str(work / "eval")}
         evaluation = _build(config.EvalConfig, values, "eval", path)
-    return Plan(doc.get("name", path.stem), work, finetune, targets, students, evaluation)
+    return Plan(doc.get("name", path.stem), work, finetune, targets, students, evaluation, tune)

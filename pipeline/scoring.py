@@ -18,6 +18,7 @@ from pipeline import manifest
 from pipeline import metrics as M
 from pipeline import tasks
 from pipeline.errors import KDError
+from pipeline.losses import cache_grid, choose_lse
 
 class Tally:
     """Running sums for one model over streamed rows. Classification keeps one prediction, label
@@ -51,7 +52,10 @@ class Tally:
             ids, vals, lse = (np.concatenate([r["teacher"][i] for r in rows]) for i in range(3))
             lp = logp.numpy()
             self.agree += int((lp.argmax(-1) == M.teacher_predictions(ids)).sum())
-            self.kl += float(M.kl_per_position(lp, ids, vals, lse, temperature).sum())
+            lse1 = _lse_at_1(rows)  # a grid cache's lse at T = 1: the KL's tail is then exact
+            kl = M.kl_per_position(lp, ids, vals, lse, temperature) if lse1 is None else \
+                M.kl_per_position(lp, ids, vals, lse1, temperature, lse_temperature=1.0)
+            self.kl += float(kl.sum())
             self.compared += len(ids)
 
     def add_cached_teacher(self, rows: list[dict], temperature: float) -> None:
@@ -59,6 +63,9 @@ class Tally:
         gold = self._count(rows)
         ids, vals, lse = (np.concatenate([r["teacher"][i] for r in rows]).astype(t)
                           for i, t in enumerate((np.int64, np.float64, np.float64)))
+        lse1 = _lse_at_1(rows)
+        if lse1 is not None and temperature != 1.0:  # a grid holding T = 1: read the cache as a T = 1 one
+            vals, lse, temperature = vals * temperature, lse1.astype(np.float64), 1.0
         if self.classify:
             self._classified(rows, gold, M.teacher_predictions(ids), _cached_probs(ids, vals, lse, temperature, len(self.id2label)))
             return
@@ -138,6 +145,13 @@ class Tally:
         return r
 
 
+def _lse_at_1(rows: list[dict]) -> np.ndarray | None:
+    """The teacher's logsumexp at T = 1 of these rows when their cache's grid holds it (`cache_rows`)."""
+    if not rows or len(rows[0]["teacher"]) < 4 or rows[0]["teacher"][3] is None:
+        return None
+    return np.concatenate([r["teacher"][3] for r in rows])
+
+
 def _cached_probs(ids, vals, lse, temperature: float, n_classes: int) -> np.ndarray | None:
     """[P, C] teacher probabilities at T = 1 from the cache, or None where they are unknown.
 
@@ -166,7 +180,9 @@ def _cached_probs(ids, vals, lse, temperature: float, n_classes: int) -> np.ndar
 
 def cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: int = 512):
     """The rows of a (verified) cache in order, with the teacher's per-position arrays as numpy: what
-    `Tally` scores. A shard that hashes right but does not decode is a one-line error."""
+    `Tally` scores ("teacher": ids, values, lse and, when the cache's temperature grid holds T = 1
+    beyond its first entry, the lse at T = 1, else None). A shard that hashes right but does not
+    decode is a one-line error."""
     try:
         yield from _read_cache_rows(cache_dir, m, limit, chunk_rows)
     except (OSError, ValueError) as exc:  # pyarrow's errors for a shard that hashes right but does not decode
@@ -175,6 +191,8 @@ def cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: int = 51
 
 def _read_cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: int):
     k = int(m["stats"]["top_k"])
+    grid = cache_grid(m["stats"])
+    at_1 = choose_lse(grid, 1.0)
     for f in sorted(m["files"], key=lambda f: f["path"]):
         for rb in pq.ParquetFile(manifest.path_of(cache_dir, f["path"])).iter_batches(batch_size=chunk_rows):
             cols = {c: rb.column(c).to_pylist() for c in ("row", "text", "input_ids", "labels", "positions")}
@@ -182,6 +200,7 @@ def _read_cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: in
             ids = rb.column("topk_ids").flatten().flatten().to_numpy().reshape(-1, k)
             vals = rb.column("topk_logits").flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
             lse = rb.column("lse").flatten().to_numpy(zero_copy_only=False)
+            lse1 = _grid_column(rb, at_1.index, (len(lse), len(grid))) if at_1.column == "lse_grid" else None
             ends = np.cumsum(pc.list_value_length(rb.column("positions")).to_numpy(zero_copy_only=False))
             for i in range(rb.num_rows):
                 if limit is not None and cols["row"][i] >= limit:
@@ -189,4 +208,13 @@ def _read_cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: in
                 a, b = (ends[i - 1] if i else 0), ends[i]
                 yield {"row": cols["row"][i], "text": cols["text"][i], "text_pair": pairs[i],
                        "input_ids": cols["input_ids"][i], "labels": cols["labels"][i],
-                       "positions": cols["positions"][i], "teacher": (ids[a:b], vals[a:b], lse[a:b])}
+                       "positions": cols["positions"][i],
+                       "teacher": (ids[a:b], vals[a:b], lse[a:b], lse1[a:b] if lse1 is not None else None)}
+
+
+def _grid_column(rb, j: int, shape: tuple[int, int]) -> np.ndarray:
+    """Column j of a record batch's lse_grid, [positions, grid temperatures]: one value per position."""
+    flat = rb.column("lse_grid").flatten().flatten().to_numpy(zero_copy_only=False) if "lse_grid" in rb.schema.names else None
+    if flat is None or flat.size != shape[0] * shape[1]:
+        raise KDError("a shard's lse_grid does not hold one value per position and grid temperature of the manifest; rebuild the cache")
+    return flat.reshape(shape)[:, j]

@@ -24,6 +24,18 @@ k == V has no tail bucket (the KL is the dense one); float16 rounding can make t
 exceed 1 by an ulp, and such a tail is taken as 0 (never negative, never NaN); at a temperature
 T' other than the cache's, v * T / T' gives exact ratios among the stored ids but the tail is
 unknown, so both sides are renormalised over the k ids.
+
+A temperature grid (`kd teacher --temperatures T0,T1,...`) removes that limit for the grid's
+temperatures. The top-k ids are the same at every T (z/T is a monotone map of z) and the values
+rescale exactly, z/T' = (z/T0) * T0/T'; only the full-vocabulary logsumexp depends on T. So a grid
+cache stores v = z/T0 once and lse_j = logsumexp(z/T_j) for every grid T_j (the `lse_grid` column,
+lse_grid[p][0] == lse[p]), and at T' = T_j
+
+    log p_T'(i) = v_i * T0 / T' - lse_j                    exact, tail included,
+
+computed in the same slab pass as lse (one more exp pass over the slab per extra T, no forward).
+Off the grid the renormalised approximation above still applies. `pipeline.losses.choose_lse`
+says which lse a reader takes for a T'.
 """
 
 from __future__ import annotations
@@ -42,11 +54,19 @@ SPLIT_CHECK_TOKENS = 32
 
 
 class Extractor:
-    """Computes (topk_ids, topk z/T, logsumexp z/T) for the target positions of a batch."""
+    """Computes (topk_ids, topk z/T, logsumexp z/T) for the target positions of a batch.
+
+    With a `grid` of several temperatures (its first entry == `temperature`), the logsumexp comes
+    back as [n, G], column j at grid[j] (column 0 is the plain lse)."""
 
     def __init__(self, model, task_type: str, top_k: int, temperature: float,
-                 slab_bytes: int = 256 << 20, vocab_limit: int | None = None, profile: bool = False):
+                 slab_bytes: int = 256 << 20, vocab_limit: int | None = None, profile: bool = False,
+                 grid: list[float] | None = None):
         self.model, self.task_type, self.temperature = model, task_type, float(temperature)
+        if grid is not None and len(grid) > 1 and float(grid[0]) != self.temperature:
+            raise KDError(f"the grid {grid} must start at the stored temperature {temperature}")
+        # z/T_j = (z/T0) * T0/T_j: the extra logsumexps reuse the slab already divided by T0
+        self.ratios = [self.temperature / float(t) for t in grid[1:]] if grid is not None else []
         self.top_k, self.vocab_limit = top_k, vocab_limit  # vocab_limit: padding ids are left out (pipeline.fit)
         self.slab_bytes = slab_bytes
         self.split = split_head(model, task_type)
@@ -99,7 +119,8 @@ class Extractor:
                 vocab = min(probe.shape[-1], self.vocab_limit or probe.shape[-1])
                 if self.top_k > vocab:
                     raise KDError(f"--top-k {self.top_k} is larger than the teacher's {vocab} outputs; use --top-k {vocab} or less")
-                step = max(1, self.slab_bytes // (4 * vocab))
+                # a grid's extra logsumexps hold one more slab-sized temporary: half the rows keep the bound
+                step = max(1, self.slab_bytes // (4 * vocab * (2 if self.ratios else 1)))
             chunk = feats[start:start + step]
             # z is a private temporary (the head's output or a gathered copy), so it is reduced in
             # place: one pass less than logsumexp's own max, no copy for /T at T = 1.
@@ -110,7 +131,10 @@ class Extractor:
             top = vals[:, :1]
             # NaN or +inf anywhere in a row makes its lse non-finite; the caller checks that on the
             # host, after the copy, so that no check here waits for the GPU.
-            lse_out.append(top.squeeze(-1) + z.sub_(top).exp_().sum(-1).log())
+            z.sub_(top)  # <= 0, and its max scales with T: at T_j it is top * T0/T_j
+            extra = [top.squeeze(-1) * r + (z * r).exp_().sum(-1).log() for r in self.ratios]
+            lse = top.squeeze(-1) + z.exp_().sum(-1).log()
+            lse_out.append(torch.stack([lse, *extra], dim=-1) if extra else lse)
             ids_out.append(ids.to(torch.int32))
             val_out.append(vals)
             start += step
@@ -118,7 +142,7 @@ class Extractor:
             k = self.top_k
             dev = feats.device
             return (torch.empty(0, k, dtype=torch.int32, device=dev), torch.empty(0, k, device=dev),
-                    torch.empty(0, device=dev))
+                    torch.empty(0, 1 + len(self.ratios), device=dev) if self.ratios else torch.empty(0, device=dev))
         return torch.cat(ids_out), torch.cat(val_out), torch.cat(lse_out)
 
     def _check_split(self, input_ids, attention_mask):
@@ -158,7 +182,8 @@ def launch(extractor: Extractor, examples, tokenizer, batch_tokens: int, device)
 
 
 def collect(examples, launched, event):
-    """Per example, in input order: (topk_ids [p,k] int32, z/T [p,k] float32, lse [p] float32)."""
+    """Per example, in input order: (topk_ids [p,k] int32, z/T [p,k] float32, lse [p] float32), lse
+    [p, G] with a grid (column j at grid temperature j)."""
     if event is not None:
         event.synchronize()
     results = [None] * len(examples)
@@ -176,7 +201,8 @@ def collect(examples, launched, event):
 
 def check_finite(lse: np.ndarray, values: np.ndarray, where) -> None:
     """Refuse NaN / +inf teacher outputs, naming the first bad (row, position) via `where(i)`."""
-    bad = ~np.isfinite(lse) | ~np.isfinite(values).all(-1) if values.size else ~np.isfinite(lse)
+    lse = lse.reshape(len(lse), -1)  # [n] or, with a grid, [n, G]
+    bad = ~np.isfinite(lse).all(-1) | ~np.isfinite(values).all(-1) if values.size else ~np.isfinite(lse).all(-1)
     if bad.any():
         row, pos = where(int(np.flatnonzero(bad)[0]))
         raise KDError(f"teacher produced NaN/inf logits at row {row} position {pos}; check the weights or run with --dtype float32")

@@ -96,6 +96,9 @@ class Objective:
     cache_temperature: float
     temperature: float
     targets: bool  # False: plain cross-entropy fine-tuning
+    # The T of batch["lse"]: the cache's (None), or the training T when it is on the cache's grid and
+    # the loader hands that grid column (pipeline.losses.choose_lse): then the tail is exact.
+    lse_temperature: float | None = None
 
 
 def to_device(batch: dict, device) -> dict:
@@ -122,13 +125,15 @@ def micro_loss(out, batch: dict, obj: Objective, positions: int, labelled: int) 
             return {"loss": ce, "kd": None, "ce": ce.detach()}
         return fused_distillation_loss(*head, batch["topk_ids"], batch["topk_logits"], batch["lse"], batch["hard"],
                                        alpha=obj.alpha, loss=obj.loss, cache_temperature=obj.cache_temperature,
-                                       temperature=obj.temperature, num_positions=positions, num_labelled=labelled, **scale)
+                                       temperature=obj.temperature, num_positions=positions, num_labelled=labelled,
+                                       lse_temperature=obj.lse_temperature, **scale)
     if not obj.targets:
         ce = F.cross_entropy(out.float(), batch["hard"], ignore_index=-100, reduction="sum") / max(labelled, 1)
         return {"loss": ce, "kd": None, "ce": ce.detach()}
     return distillation_loss(out, batch["topk_ids"], batch["topk_logits"], batch["lse"], batch["hard"],
                              alpha=obj.alpha, loss=obj.loss, cache_temperature=obj.cache_temperature,
-                             temperature=obj.temperature, num_positions=positions, num_labelled=labelled)
+                             temperature=obj.temperature, num_positions=positions, num_labelled=labelled,
+                             lse_temperature=obj.lse_temperature)
 
 
 def train_step(model, micro: list[dict | None], obj: Objective, d: Dist, device, autocast, scaler=None) -> dict:
@@ -180,7 +185,8 @@ def evaluate(model, loader, obj: Objective, d: Dist, device, autocast) -> dict:
             with autocast():
                 logits = as_logits(model(b["input_ids"], b["attention_mask"], b["b_idx"], b["p_idx"]))
             kd_sum += float(kd_loss_sum(logits, b["topk_ids"], b["topk_logits"], b["lse"], loss=obj.loss,
-                                        cache_temperature=obj.cache_temperature, temperature=obj.temperature))
+                                        cache_temperature=obj.cache_temperature, temperature=obj.temperature,
+                                        lse_temperature=obj.lse_temperature))
             agree += float((logits.argmax(-1) == b["topk_ids"][:, 0].long()).sum())
             n += logits.shape[0]
     finally:

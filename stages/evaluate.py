@@ -342,7 +342,8 @@ def _open_cache(cache_dir: Path, cfg: EvalConfig) -> dict:
         raise KDError(f"cache {cache_dir} is incomplete: its shards hold {listed} of {stats['total_rows']} rows; rerun its missing tasks")
     pair = (conf.get("columns") or {}).get("text_pair") is not None
     for f in m["files"]:
-        fmt.check_shard(manifest.path_of(cache_dir, f["path"]), stats["task_type"], stats["value_dtype"], pair, m["key"])
+        fmt.check_shard(manifest.path_of(cache_dir, f["path"]), stats["task_type"], stats["value_dtype"], pair, m["key"],
+                        lse_grid=bool(stats.get("temperatures")))  # a grid cache: its T = 1 lse may be read
     # --split picks the rows of --data only where the data has named splits (a local file's are all of it,
     # under whatever name `datasets` was handed); without --data the split is the cache's.
     if cfg.data and cfg.split != conf["split"] and split_is_named(cfg.data, m["fingerprints"]["dataset"].get("source", {})):

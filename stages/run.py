@@ -3,8 +3,10 @@
 Read top to bottom: parse and check the whole YAML (nothing runs if any of it is wrong), then
 stage 0 (fine-tune the teacher, if asked), stage 1 for each data split (one cache per split,
 kept under the workdir's cache root by key), stage 2 for each student (all from the one train
-cache: the teacher runs once), stage 3. Each stage finds its own complete output by key and
-does no work then; the first failure stops the run with the stage named.
+cache: the teacher runs once), the tune grid (`kd tune`, if a `tune:` block asks), stage 3
+(which also scores the grid's best student).
+Each stage finds its own complete output by key and does no work then; the first failure stops
+the run with the stage named.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pipeline.progress import say
 
 
 def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, progress: bool = True) -> dict:
-    from stages import evaluate, teacher, train
+    from stages import evaluate, teacher, train, tune
 
     plan = runfile.load(pipeline_file, workdir)
     steps = []
@@ -28,6 +30,8 @@ def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, p
         steps.append((f"stage 1: teacher targets for {split}", teacher.run, cfg))
     for name, cfg in plan.students:
         steps.append((f"stage 2: student {name}", train.run, cfg))
+    if plan.tune is not None:
+        steps.append(("stage 2: tune T, alpha and loss on the validation cache", tune.run, plan.tune))
     if plan.evaluation is not None:
         steps.append(("stage 3: evaluation", evaluate.run, plan.evaluation))
     say(f"pipeline {plan.name}: {len(steps)} steps in {plan.workdir}")
@@ -49,6 +53,8 @@ def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, p
         was_reused = bool(result.get("reused"))
         (reused if was_reused else ran).append(title)
         results[title] = result
+        if fn is tune.run and plan.evaluation is not None and result.get("student"):
+            plan.evaluation.model.append(result["student"])  # the grid's best student is compared too
         say(f"[{i}/{len(steps)}] {title}: {'reused, no work' if was_reused else f'done in {time.monotonic() - t0:.1f}s'}")
     if not ran:
         say(f"nothing to do: all {len(steps)} steps were already complete and match")
@@ -58,7 +64,7 @@ def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, p
 
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "data" / "demo" / "pipeline.yaml"
-QUICK = {"limit": {"train": 256, "validation": 64, "test": 128}, "max_steps": 8}
+QUICK = {"limit": {"train": 256, "transfer": 256, "validation": 64, "test": 128}, "max_steps": 8}
 
 
 def demo(workdir: str = "runs/demo", quick: bool = False, progress: bool = True) -> dict:
@@ -72,13 +78,14 @@ def demo(workdir: str = "runs/demo", quick: bool = False, progress: bool = True)
     doc = load_yaml(DEMO_YAML, "the demo pipeline")
     base = DEMO_YAML.parent
     for split, file in doc["data"].items():
-        if split in ("train", "validation", "test"):
+        if split in ("train", "transfer", "validation", "test"):
             doc["data"][split] = str((base / file).resolve())
     if quick:
         doc["data"]["limit"] = QUICK["limit"]
         doc["teacher"]["finetune"]["max_steps"] = QUICK["max_steps"]
         for s in doc["students"]:
             s["max_steps"] = QUICK["max_steps"]
+        doc["tune"].update(temperatures=[1, 2], alphas=[1.0], max_steps=QUICK["max_steps"] // 2)
         doc["eval"]["timing_examples"] = 8
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

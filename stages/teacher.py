@@ -42,6 +42,7 @@ TIMINGS = ("encode_seconds", "teacher_seconds", "collect_seconds", "write_second
 
 def run(cfg: TeacherConfig) -> dict:
     t_start = time.monotonic()
+    cfg = cfg.resolved()  # temperature = the grid's first T; temperatures = the grid, or None for one T
     _check(cfg)
     task_index, num_tasks = jobarray.resolve_task(cfg.task_index, cfg.num_tasks)
 
@@ -114,7 +115,8 @@ def _plan(cfg: TeacherConfig, inp: Inputs) -> dict:
     return {"config": config, "fingerprints": inp.fingerprints,
             "stats": {"total_rows": len(inp.dataset), "top_k": inp.top_k, "outputs": inp.outputs,
                       "temperature": cfg.temperature, "task_type": cfg.task_type, "value_dtype": cfg.value_dtype,
-                      "id2label": id2label, **({"vocab_limit": inp.vocab_limit} if inp.vocab_limit else {})}}
+                      "id2label": id2label, **({"vocab_limit": inp.vocab_limit} if inp.vocab_limit else {}),
+                      **({"temperatures": cfg.temperatures} if cfg.temperatures else {})}}
 
 
 def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_index: int, num_tasks: int,
@@ -128,10 +130,11 @@ def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_ind
     encoder = Encoder(inp.tokenizer, cfg.task_type, inp.cols, cfg.max_length, label2id, inp.mconfig.num_labels,
                       cfg.mask_seed, cfg.mask_prob, inp.id_column)
     extractor = Extractor(model, cfg.task_type, inp.top_k, cfg.temperature, vocab_limit=inp.vocab_limit,
-                          profile=cfg.profile)
+                          profile=cfg.profile, grid=cfg.temperatures)
     meta = {"cache_key": inp.key, "task_type": cfg.task_type, "top_k": inp.top_k, "temperature": cfg.temperature,
-            "value_dtype": cfg.value_dtype}
-    schema = fmt.schema(cfg.task_type, cfg.value_dtype, text_pair=inp.cols.text_pair is not None)
+            "value_dtype": cfg.value_dtype, **({"temperatures": ",".join(map(str, cfg.temperatures))} if cfg.temperatures else {})}
+    schema = fmt.schema(cfg.task_type, cfg.value_dtype, text_pair=inp.cols.text_pair is not None,
+                        lse_grid=bool(cfg.temperatures))
     records, stats = [], {"rows": 0, "positions": 0, "bytes": 0, "truncated_rows": 0, **{t: 0.0 for t in TIMINGS}}
     progress = Progress(stop - start, f"teacher task {task_index}/{num_tasks}", enabled=cfg.progress)
     writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
@@ -187,6 +190,7 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
     ids = np.concatenate([r[0] for r in results]).reshape(-1, k) if results else np.zeros((0, k), np.int32)
     vals = to_value_dtype(np.concatenate([r[1] for r in results]).reshape(-1, k), value_dtype)
     lse = np.concatenate([r[2] for r in results]).astype(np.float32)
+    grid, lse = (lse, np.ascontiguousarray(lse[:, 0])) if lse.ndim == 2 else (None, lse)  # a grid: lse at every T, [:, 0] at T0
     vtype = fmt.VALUE_DTYPES[value_dtype]
     columns = {
         "row": pa.array([e.row for e in examples], pa.int64()),
@@ -204,6 +208,8 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
         "topk_logits": _nested(vals, counts, k, vtype),
         "lse": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), pa.array(lse)),
     })
+    if grid is not None:
+        columns["lse_grid"] = _nested(np.ascontiguousarray(grid), counts, grid.shape[1], pa.float32())
     table = pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
     record = fmt.write_shard(path, table, meta)
     record["truncated"] = int(sum(e.truncated for e in examples))

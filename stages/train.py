@@ -27,9 +27,9 @@ from pipeline.config import TrainConfig, recorded, result_settings
 from pipeline.data import Columns, Encoder, encode_table, infer_labels, load_split, pad_id
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, tokenizer_fingerprint
-from pipeline.fit import Fit, cache_labels, fit
+from pipeline.fit import Fit, cache_labels, check_caches_agree, fit
 from pipeline.loader import Collate, ParquetSource, StreamingDataset, TableSource, unskipped, verify_shards
-from pipeline.losses import LOSSES
+from pipeline.losses import LOSSES, cache_grid, choose_lse
 from pipeline.models import capped_length, load_tokenizer, pick_device, pick_dtype
 from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
@@ -98,6 +98,7 @@ def _train(cfg: TrainConfig, d) -> dict:
     # 2. The output directory, claimed under the key of everything that decides the weights.
     out = Path(cfg.out)
     settings = {**result_settings(cfg), "task_type": setup.task_type, "alpha": setup.objective.alpha,
+                "targets": cfg.targets[0] if cfg.targets and len(cfg.targets) == 1 else cfg.targets,  # one cache: as before
                 "temperature": setup.objective.temperature if cfg.targets else None, "world_size": d.world_size}
     key = io.sha256_bytes(io.canonical_json({"config": settings, "inputs": setup.inputs,
                                              "init": setup.student.init}).encode())
@@ -184,34 +185,44 @@ def _fit(cfg: TrainConfig, d, setup: Setup, output: StageOutput, ident: dict, wh
 
 
 def _from_cache(cfg: TrainConfig, d) -> Setup:
-    """Distillation: the cache (complete, checksums verified), a student that fits it, the KD objective."""
-    cache = _open_cache(cfg.targets, d, cfg.task_type)
+    """Distillation: the caches (complete, checksums verified, of one teacher run the same way), a
+    student that fits them, the KD objective. Several caches are one training set: every row of
+    each once per epoch; rows without a hard label (a transfer set) give the KD term only."""
+    caches = [_open_cache(path, d, cfg.task_type) for path in cfg.targets]
+    check_caches_agree(caches, cfg.targets)
+    cache = caches[0]
     stats = cache["stats"]
     task_type = stats["task_type"]
     labels = cache_labels(stats) if tasks.get(task_type).classification and stats.get("id2label") else None
     student = load_student(task_type, student=cfg.student, from_teacher=cfg.student_from_teacher,
                            layers=cfg.student_layers, labels=labels)
     where = f"student {cfg.student or cfg.student_from_teacher}"
-    how = fit(task_type, student.model.config, student.tokenizer, cache, where, f"the cache {cfg.targets}")
-    cache_tok = load_tokenizer(str(Path(cfg.targets) / "tokenizer"))
+    how = fit(task_type, student.model.config, student.tokenizer, cache, where, f"the cache {cfg.targets[0]}")
+    cache_tok = load_tokenizer(str(Path(cfg.targets[0]) / "tokenizer"))
     retokenize = how.mode == "retokenize"
     cache_t = float(stats["temperature"])
     temperature = cache_t if cfg.temperature is None else float(cfg.temperature)
-    if not math.isclose(temperature, cache_t, rel_tol=1e-9) and d.rank == 0:
-        say(f"warning: training at T={temperature} but the cache holds T={cache_t}: the teacher's tail mass is "
-            f"only known at T={cache_t}, so the loss uses the renormalised top-{stats['top_k']} and is approximate")
+    grid = cache_grid(stats)
+    lse_pick = choose_lse(grid, temperature)  # on the cache's grid: the lse taken at this T, and an exact tail
+    if not lse_pick.exact and d.rank == 0:
+        held = f"T={cache_t}" if len(grid) == 1 else f"the grid T={','.join(f'{t:g}' for t in grid)}"
+        say(f"warning: training at T={temperature} but the cache holds {held}: the teacher's tail mass is "
+            f"only known there, so the loss uses the renormalised top-{stats['top_k']} and is approximate")
     text_pair = bool((cache["config"].get("columns") or {}).get("text_pair"))
-    source = ParquetSource([manifest.path_of(Path(cfg.targets), f["path"]) for f in cache["files"]], task_type,
-                           stats["value_dtype"], text_pair, cache["key"])
-    max_length = int(cache["config"].get("max_length", 512))
+    files = [(manifest.path_of(Path(path), f["path"]), m["key"]) for path, m in zip(cfg.targets, caches) for f in m["files"]]
+    source = ParquetSource([f for f, _ in files], task_type, stats["value_dtype"], text_pair, [k for _, k in files],
+                           lse_grid=lse_pick.column == "lse_grid")
+    max_length = max(int(m["config"].get("max_length", 512)) for m in caches)
     if retokenize:  # the student's own tokenizer: at most the positions the student takes
         max_length = capped_length(max_length, student.model.config, student.tokenizer,
                                    f"student {cfg.student or cfg.student_from_teacher}")
-    collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if retokenize else None, max_length)
+    collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if retokenize else None, max_length,
+                      lse_index=lse_pick.index)
     return Setup(task_type, student, student.tokenizer if retokenize else cache_tok, how,
-                 Objective(cfg.alpha, cfg.loss, cache_t, temperature, targets=True), source, collate, text_pair, cache,
-                 [{"kind": "targets", "path": str(Path(cfg.targets).resolve()), "key": cache["key"]}],
-                 {"targets": cache["key"]})
+                 Objective(cfg.alpha, cfg.loss, cache_t, temperature, targets=True, lse_temperature=lse_pick.temperature),
+                 source, collate, text_pair, cache,
+                 [{"kind": "targets", "path": str(Path(path).resolve()), "key": m["key"]} for path, m in zip(cfg.targets, caches)],
+                 {"targets": cache["key"] if len(caches) == 1 else [m["key"] for m in caches]})
 
 
 def _from_data(cfg: TrainConfig) -> Setup:
@@ -387,9 +398,13 @@ def _eval_loader(cfg: TrainConfig, d, setup: Setup):
     if setup.fit.mode == "ids" and not same_vocab:
         raise KDError(f"--eval-targets {cfg.eval_targets} was tokenised with another vocabulary than --targets; build both with the same "
                       f"teacher")
+    obj, pick = setup.objective, choose_lse(cache_grid(ev["stats"]), setup.objective.temperature)
+    if (cache_grid(ev["stats"])[0], pick.index, pick.temperature) != (obj.cache_temperature, setup.collate.lse_index, obj.lse_temperature):
+        raise KDError(f"--eval-targets {cfg.eval_targets} holds T={cache_grid(ev['stats'])}, the training cache T={cache_grid(stats)}, "
+                      f"and it is read as the training cache is; build both with the same --temperature / --temperatures")
     text_pair = bool((ev["config"].get("columns") or {}).get("text_pair"))
     source = ParquetSource([manifest.path_of(Path(cfg.eval_targets), f["path"]) for f in ev["files"]], setup.task_type,
-                           ev["stats"]["value_dtype"], text_pair, ev["key"])
+                           ev["stats"]["value_dtype"], text_pair, ev["key"], lse_grid=pick.column == "lse_grid")
     ds = StreamingDataset(source, setup.collate, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world_size,
                           text_pair=text_pair)
     ds.set_epoch(0)

@@ -15,7 +15,7 @@ from pipeline.cli import cli
 from pipeline.errors import KDError
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"teacher": C.TeacherConfig, "train": C.TrainConfig, "eval": C.EvalConfig}
+SECTIONS = {"teacher": C.TeacherConfig, "train": C.TrainConfig, "eval": C.EvalConfig, "tune": C.TuneConfig}
 
 
 def _readme_tables() -> dict[str, list[list[str]]]:

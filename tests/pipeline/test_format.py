@@ -11,9 +11,9 @@ from pipeline import format as fmt
 from pipeline.errors import KDError
 
 
-def _table(value_dtype="float16", rows=50, k=4):
+def _table(value_dtype="float16", rows=50, k=4, lse_grid=False):
     rng = np.random.default_rng(0)
-    schema = fmt.schema("causal-lm", value_dtype)
+    schema = fmt.schema("causal-lm", value_dtype, lse_grid=lse_grid)
     lens = rng.integers(2, 9, size=rows)
     data = {
         "row": list(range(rows)), "id": [str(i) for i in range(rows)], "text": ["x"] * rows,
@@ -23,12 +23,13 @@ def _table(value_dtype="float16", rows=50, k=4):
         "topk_logits": [np.sort(rng.normal(size=(n - 1, k)), -1)[:, ::-1].astype(np.float32).tolist() for n in lens],
         "lse": [rng.normal(size=n - 1).astype(np.float32).tolist() for n in lens],
     }
+    data["lse_grid"] = [[[v, v + 1.0, v - 1.0] for v in row] for row in data["lse"]]
     return pa.Table.from_pydict({f.name: pa.array(data[f.name]).cast(f.type) for f in schema}, schema=schema)
 
 
 def test_payload_columns_use_byte_stream_split_and_zstd(tmp_path):
     path = tmp_path / "s.parquet"
-    rec = fmt.write_shard(path, _table(), {"cache_key": "abc", "top_k": 4})
+    rec = fmt.write_shard(path, _table(lse_grid=True), {"cache_key": "abc", "top_k": 4})
     md = pq.ParquetFile(path).metadata
     cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i) for i in range(md.num_columns)}
     for name in fmt.PAYLOAD_COLUMNS:
@@ -62,3 +63,25 @@ def test_unknown_task_type_and_value_dtype():
         fmt.schema("regression")
     with pytest.raises(KDError, match="unknown value dtype"):
         fmt.schema("causal-lm", "int8")
+
+
+def test_lse_grid_is_optional_and_checked_where_present(tmp_path):
+    """A grid cache's extra column: an old reader (not asking for it) accepts both kinds of shard,
+    a reader that needs it refuses a shard without it, and its type is checked whenever present."""
+    plain, grid = tmp_path / "plain.parquet", tmp_path / "grid.parquet"
+    fmt.write_shard(plain, _table(), {"cache_key": "abc"})
+    fmt.write_shard(grid, _table(lse_grid=True), {"cache_key": "abc"})
+    assert "lse_grid" not in pq.read_schema(plain).names
+    for path in (plain, grid):
+        fmt.check_shard(path, "causal-lm", "float16", False, "abc")
+    fmt.check_shard(grid, "causal-lm", "float16", False, "abc", lse_grid=True)
+    with pytest.raises(KDError, match="column 'lse_grid' is missing"):
+        fmt.check_shard(plain, "causal-lm", "float16", False, "abc", lse_grid=True)
+    t = _table()
+    wrong = t.append_column("lse_grid", pa.array([[[v] for v in row] for row in t["lse"].to_pylist()], pa.list_(pa.list_(pa.float64()))))
+    bad = tmp_path / "bad.parquet"
+    fmt.write_shard(bad, wrong, {"cache_key": "abc"})
+    with pytest.raises(KDError, match="column 'lse_grid' is list"):
+        fmt.check_shard(bad, "causal-lm", "float16", False, "abc")
+    read = pq.read_table(grid)
+    assert read["lse_grid"].to_pylist()[0][0][1] == pytest.approx(read["lse"].to_pylist()[0][0] + 1.0)

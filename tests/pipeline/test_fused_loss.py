@@ -289,3 +289,36 @@ def test_default_kl_objective_takes_the_written_down_gradient(monkeypatch, alpha
         assert torch.allclose(got[key], ref[key], rtol=1e-10, atol=1e-12), key
     for a, b in zip(grads, ref_grads):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_a_grid_temperature_takes_the_written_down_gradient_too(monkeypatch, alpha, temperature):
+    """Values stored at T0 = 2 and the grid's lse at T (lse_temperature=T): the fused loss takes its fast
+    exact-tail path, and equals distillation_loss on the full logits and a cache built at T directly."""
+    import pipeline.fused_loss as fl
+
+    g = torch.Generator().manual_seed(4)
+    n, v, h_dim, k = 13, 40, 6, 5
+    hidden = torch.randn(n, h_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    values, ids = (z / 2.0).topk(k, dim=-1)
+    lse_t = torch.logsumexp(z / temperature, -1)
+    labels = torch.randint(0, v, (n,), generator=g)
+    kw = dict(alpha=alpha, cache_temperature=2.0, temperature=temperature, lse_temperature=temperature)
+    ref = distillation_loss(hidden @ weight.T, ids, values, lse_t, labels, **kw)
+    direct = distillation_loss(hidden @ weight.T, ids, z.gather(1, ids) / temperature, lse_t, labels, alpha=alpha,
+                               cache_temperature=temperature)
+    torch.testing.assert_close(ref["kd"], direct["kd"], rtol=1e-10, atol=1e-12)
+    ref_grads = torch.autograd.grad(ref["loss"], (hidden, weight))
+
+    def forbidden(*a, **k):
+        raise AssertionError("the exact-tail objective at a grid temperature went through autograd")
+
+    monkeypatch.setattr(fl, "kd_loss_sum", forbidden)
+    got = fl.fused_distillation_loss(hidden, weight, None, ids, values, lse_t, labels, chunk_bytes=5 * 4 * v * 8, **kw)
+    for key in ("loss", "kd", "ce"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got["loss"], (hidden, weight)), ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

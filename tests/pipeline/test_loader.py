@@ -253,3 +253,27 @@ def test_verify_shards_names_a_corrupted_shard(tmp_path):
 def test_batch_size_must_be_positive(cache):
     with pytest.raises(KDError, match="batch-size"):
         dataset(cache, batch_size=0)
+
+
+def test_collate_hands_the_grid_lse_of_the_training_temperature(tmp_path):
+    """lse_index j > 0: batch["lse"] is column j of lse_grid (the grid's lse at the training T), through
+    the streaming path too; a source that needs lse_grid refuses a shard without it."""
+    t = synthetic_table(range(30), "causal-lm")
+    grid = pa.array([[[v, v + 1.0, v + 2.0] for v in row] for row in t["lse"].to_pylist()],
+                    fmt.schema("causal-lm", lse_grid=True).field("lse_grid").type)
+    t = t.append_column("lse_grid", grid)
+    assert Collate("causal-lm", 0, True).columns(False)[-1] == "lse"
+    assert Collate("causal-lm", 0, True, lse_index=2).columns(False)[-1] == "lse_grid"
+    flat = np.concatenate([np.asarray(r, dtype=np.float32) for r in t["lse"].to_pylist()])
+    for j in (0, 1, 2):
+        np.testing.assert_array_equal(Collate("causal-lm", 0, True, lse_index=j)(t)["lse"].numpy(), flat + j)
+    with pytest.raises(KDError, match="lse_grid holds 3 temperatures"):
+        Collate("causal-lm", 0, True, lse_index=3)(t)
+    fmt.write_shard(tmp_path / "g.parquet", t, {"cache_key": "k"})
+    fmt.write_shard(tmp_path / "p.parquet", synthetic_table(range(30), "causal-lm"), {"cache_key": "k"})
+    source = ParquetSource([tmp_path / "g.parquet"], "causal-lm", "float16", False, "k", lse_grid=True)
+    data = StreamingDataset(source, Collate("causal-lm", 0, True, lse_index=1), 7, shuffle=False)
+    data.set_epoch(0)
+    np.testing.assert_array_equal(np.concatenate([b["lse"].numpy() for b in data]), flat + 1)
+    with pytest.raises(KDError, match="column 'lse_grid' is missing"):
+        ParquetSource([tmp_path / "p.parquet"], "causal-lm", "float16", False, "k", lse_grid=True)

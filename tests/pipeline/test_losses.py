@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import KDError
-from pipeline.losses import LOSSES, distillation_loss, kd_loss_sum, teacher_log_probs
+from pipeline.losses import LOSSES, LseChoice, cache_grid, choose_lse, distillation_loss, kd_loss_sum, teacher_log_probs
 
 
 def make_cache(z, k, cache_t, dtype=torch.float32):
@@ -246,6 +246,34 @@ def test_other_temperature_renormalises_topk(loss, cache_t, t):
     got = kd_loss_sum(s, ids, logits, lse, loss=loss, cache_temperature=cache_t, temperature=t)
     want_loss = "kl-renorm" if loss == "kl" else loss
     torch.testing.assert_close(got, reference(s, z, ids, want_loss, t, cache_t=cache_t), rtol=1e-6, atol=1e-9)
+
+
+# 8b. a temperature grid: the stored values at T0 and the lse at a grid T' give the exact tail at T'.
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("cache_t,t", [(2.0, 1.0), (2.0, 4.0), (0.5, 3.0)])
+def test_grid_lse_gives_the_exact_loss_at_its_temperature(loss, cache_t, t):
+    n, v, k = 5, 14, 6
+    z, s = rand(n, v, seed=110), rand(n, v, seed=111)
+    ids, logits, _ = make_cache(z, k, cache_t, dtype=torch.float64)
+    lse_t = torch.logsumexp(z / t, -1)  # what kd teacher --temperatures stores for t
+    got = kd_loss_sum(s, ids, logits, lse_t, loss=loss, cache_temperature=cache_t, temperature=t, lse_temperature=t)
+    torch.testing.assert_close(got, reference(s, z, ids, loss, t), rtol=1e-6, atol=1e-9)
+    log_p, tail = teacher_log_probs(logits, lse_t, cache_t, t, lse_temperature=t)
+    torch.testing.assert_close(log_p, torch.log_softmax(z / t, -1).gather(1, ids))
+    assert tail is not None
+    # the same lse, said to be at the cache's T, is not used as exact at t: renormalised
+    assert teacher_log_probs(logits, lse_t, cache_t, t)[1] is None
+    assert teacher_log_probs(logits, lse_t, cache_t, t, lse_temperature=cache_t)[1] is None
+
+
+def test_choose_lse_and_cache_grid():
+    assert choose_lse([2.0, 1.0, 4.0], 4.0) == LseChoice("lse_grid", 2, 4.0, True)
+    assert choose_lse([2.0, 1.0, 4.0], 2.0) == LseChoice("lse", 0, 2.0, True)
+    assert choose_lse([2.0, 1.0, 4.0], 3.0) == LseChoice("lse", 0, 2.0, False)
+    assert cache_grid({"temperature": 2.0}) == [2.0]  # every one-T cache, old ones included
+    assert cache_grid({"temperature": 2, "temperatures": [2, 1, 4]}) == [2.0, 1.0, 4.0]
+    with pytest.raises(KDError, match="damaged"):
+        cache_grid({"temperature": 1.0, "temperatures": [2.0, 1.0]})
 
 
 # Teacher tail and numerical robustness.

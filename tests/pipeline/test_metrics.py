@@ -251,6 +251,15 @@ def test_kl_hand_case_exact_tail():
     assert kl_teacher_student(student, ids, tl, lse, 1.0) == pytest.approx(0.5 * math.log(4 / 3))
 
 
+def test_kl_hand_case_exact_tail_from_a_grid_lse_at_t1():
+    # the hand case above, cached at T = 2 ([ln .5] / 2) with a grid holding T = 1: its lse at T = 1
+    # (0 for these normalised logits) makes the tail exact again
+    ids, tl = np.array([[0]]), np.array([[math.log(0.5) / 2]])
+    student = np.log([[0.25, 0.25, 0.5]])
+    assert kl_teacher_student(student, ids, tl, np.array([0.0]), 2.0, lse_temperature=1.0) == pytest.approx(0.5 * math.log(4 / 3))
+    assert kl_teacher_student(student, ids, tl, np.array([0.0]), 2.0) == pytest.approx(math.log(4))  # renormalised: p(0) = 1
+
+
 def test_kl_hand_case_renormalised_when_t_not_1():
     # z at the top-2 = [2, 0], cached at T = 2 as [1, 0]; the T=1 tail is unknown, so the
     # teacher is renormalised: p = [e^2, 1] / (e^2 + 1) = [0.880797, 0.119203], tail 0.

@@ -90,7 +90,7 @@ eval:
     small, tiny = (c for _, c in plan.students)
     assert small.out == str(work / "students" / "small") and tiny.out == str(work / "students" / "tiny")
     for c in (small, tiny):
-        assert c.targets == str(work / "targets" / "train")
+        assert c.targets == [str(work / "targets" / "train")]
         assert c.eval_targets == str(work / "targets" / "validation")
         assert c.student == str(where / "teacher")
     assert small.alpha == 0.9 and tiny.student_layers == [0]
@@ -273,3 +273,41 @@ def test_new_relative_workdir_is_relative_to_the_yaml(where):
 def test_student_from_teacher_path_is_relative_to_the_yaml(where, tmp_path):
     plan = load(where, BASE + f"workdir: {tmp_path / 'w'}\nstudents: [{{name: s, student_from_teacher: teacher}}]\n")
     assert plan.students[0][1].student_from_teacher == str(where / "teacher")
+
+
+TRANSFER = """\
+task_type: sequence-classification
+workdir: {work}
+data: {{train: train.jsonl, transfer: transfer.jsonl, validation: validation.jsonl, test: test.jsonl,
+       label_column: label}}
+teacher: {{model: teacher}}
+students:
+  - {{name: both, student: teacher}}
+  - {{name: labelled-only, student: teacher, transfer: false}}
+tune: {{student: teacher, temperatures: [1, 2], alphas: [1.0]}}
+"""
+
+
+def test_a_transfer_split_is_cached_without_its_labels_and_streamed_by_default(where, tmp_path):
+    (where / "transfer.jsonl").write_text("")
+    work = tmp_path / "work"
+    plan = load(where, TRANSFER.format(work=work))
+    assert list(plan.targets) == ["train", "transfer", "validation", "test"]
+    assert plan.targets["transfer"].out == str(work / "targets" / "transfer")
+    assert plan.targets["transfer"].label_column is None  # unlabelled text need not have the column
+    assert plan.targets["train"].label_column == "label"
+    (_, both), (_, labelled) = plan.students
+    assert both.targets == [str(work / "targets" / "train"), str(work / "targets" / "transfer")]
+    assert labelled.targets == [str(work / "targets" / "train")]
+    assert plan.tune.targets == both.targets
+
+
+def test_transfer_must_be_true_or_false(where, tmp_path):
+    (where / "transfer.jsonl").write_text("")
+    text = TRANSFER.format(work=tmp_path / "w").replace("transfer: false", "transfer: maybe")
+    refused(where, text, r"students\[1\]\.transfer must be true or false")
+
+
+def test_without_a_transfer_split_students_stream_the_train_cache(where, tmp_path):
+    plan = load(where, BASE + "students:\n  - {name: s, student: teacher, transfer: false}\n", workdir=str(tmp_path / "w"))
+    assert plan.students[0][1].targets == [str(tmp_path / "w" / "targets" / "train")]

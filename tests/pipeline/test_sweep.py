@@ -112,7 +112,7 @@ def test_select_default_name_is_zero_padded_index(tmp_path):
     assert new.out == str(tmp_path / "runs" / "000")
     assert new.lr == 0.0001 and new.student_layers == [0, 2]
     assert new.sweep is None and new.task_index is None
-    assert new.targets == "/caches/train" and new.alpha == TrainConfig().alpha  # the rest untouched
+    assert new.targets == ["/caches/train"] and new.alpha == TrainConfig().alpha  # the rest untouched
     assert cfg.lr == 5e-5 and cfg.sweep == str(p)  # the original is not modified
 
 
