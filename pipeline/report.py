@@ -149,7 +149,7 @@ def markdown(rows: list[dict], task_type: str, header: list[str], notes: list[st
                  "params % = student ÷ teacher parameters; speed-up = student ÷ teacher examples/s.", *notes]
     parts = [f"# kd eval — {task_type}", "", *(x for h in header for x in (h, "")), table(rows, task_type), ""]
     if comparisons:
-        parts += comparison_lines(comparisons)
+        parts += comparison_lines(comparisons, [r["name"] for r in rows])
     if notes:
         parts += ["Notes:", "", *(f"- {n}" for n in notes), ""]
     if plot_name:
@@ -174,8 +174,15 @@ def write_comparisons(path: Path, comparisons: list[dict]) -> None:
         df.write_parquet(tmp)
 
 
-def comparison_lines(comparisons: list[dict]) -> list[str]:
-    """The report's words on each difference: its size, 95% interval, p-value and whether it is noise."""
+def comparison_lines(comparisons: list[dict], order: list[str] | None = None) -> list[str]:
+    """The report's words on each difference: its size, 95% interval, p-value and whether it is noise.
+
+    With the table's `order`, each pair is said once, later row vs earlier (every student vs the
+    teacher, and vs each student above it): b vs a is a vs b with the sign flipped, and the
+    parquet file keeps both."""
+    if order:
+        rank = {n: i for i, n in enumerate(order)}
+        comparisons = [c for c in comparisons if rank.get(c["a"], 0) > rank.get(c["b"], 0)] or comparisons
     metric = comparisons[0]["metric"]
     label, unit, scale, higher = _CMP[metric]
     lines = [f"Differences ({label}, a − b on the same {comparisons[0]['n_rows']} rows; paired bootstrap 95% interval "

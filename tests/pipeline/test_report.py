@@ -136,3 +136,14 @@ def test_speed_of_a_toy_model():
     speed = costs.measure_speed(Toy(), [[1, 2, 3], [4, 5], [6]], 0, 2, torch.device("cpu"))
     assert speed["examples_per_s"] > 0 and speed["latency_p50_ms"] > 0 and speed["timing_examples"] == 3
     assert costs.measure_speed(Toy(), [], 0, 2, torch.device("cpu"))["examples_per_s"] is None
+
+
+def test_comparison_lines_say_each_pair_once_later_row_against_earlier():
+    def pair(a, b, d):
+        return {"a": a, "b": b, "metric": "accuracy", "diff": d, "ci_low": d - 0.01, "ci_high": d + 0.01, "p_value": 0.5,
+                "n_rows": 10}
+
+    rows = [pair("s1", "t", 0.1), pair("s1", "s2", 0.2), pair("s2", "t", -0.1), pair("s2", "s1", -0.2)]
+    text = "\n".join(report.comparison_lines(rows, ["t", "s1", "s2"]))
+    assert "`s1` vs `t`" in text and "`s2` vs `t`" in text and "`s2` vs `s1`: 20.00 percentage points worse" in text
+    assert "`s1` vs `s2`" not in text
