@@ -426,7 +426,9 @@ def write_results(block: str, dev: str, path: Path = RESULTS) -> None:
         first, _, rest = text.partition("\n")
         head, rest = (first, rest) if first.startswith("# ") else ("# Benchmarks", text)
         text = f"{head}\n\n{SECTION}\n\n{block}\n\n{rest.lstrip()}".rstrip() + "\n"
-    path.write_text(text)
+    from pipeline.io import write_text
+
+    write_text(path, text)  # atomically: RESULTS.md is never half-written
 
 
 # --------------------------------------------------------------------------------------------

@@ -430,7 +430,9 @@ boundaries, so it is no faster here; on a GPU node the workers run beside the ac
         start = old.index(HEADING)
         nxt = old.find("\n## ", start + len(HEADING))
         old = old[:start].rstrip("\n") + ("\n\n" + old[nxt + 1:] if nxt != -1 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+    from pipeline.io import write_text
+
+    write_text(path, old.rstrip("\n") + "\n\n" + text)  # atomically: RESULTS.md is never half-written
     print(f"wrote {path}")
 
 
