@@ -202,7 +202,8 @@ def tune(**kw):
 
 @cli.command("run")
 @click.argument("pipeline_file", type=click.Path(dir_okay=False))
-@click.option("--workdir", default=None, help="Where every output goes (default: the YAML's workdir, else runs/<file name>).")
+@click.option("--out", "--workdir", "workdir", default=None,
+              help="Where every output goes (default: the YAML's workdir, else runs/<file name>); --workdir: the same.")
 @click.option("--dry-run", is_flag=True, help="Check the YAML and print the steps without running them.")
 def run_pipeline(pipeline_file, workdir, dry_run):
     """Run every stage named in PIPELINE_FILE in order, reusing outputs that are complete and match."""

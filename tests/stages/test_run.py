@@ -80,3 +80,12 @@ def test_dry_run_lists_steps(tmp_path, models, datasets_dir):
     assert r.exit_code == 0, r.output
     assert "stage 1: teacher targets for train" in r.output and "stage 3: evaluation" in r.output
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--workdir"])
+def test_out_or_workdir_moves_every_output(tmp_path, models, datasets_dir, flag):
+    path = pipeline_yaml(tmp_path, models, datasets_dir)
+    r = CliRunner().invoke(cli, ["run", str(path), "--dry-run", flag, str(tmp_path / "elsewhere")])
+    assert r.exit_code == 0, r.output
+    assert f"-> {tmp_path / 'elsewhere' / 'targets' / 'train'}" in r.output
+    assert not (tmp_path / "work").exists() and not (tmp_path / "elsewhere").exists()
