@@ -34,6 +34,7 @@ class Plan:
     students: list[tuple[str, Any]]  # (name, TrainConfig)
     evaluation: Any | None          # EvalConfig
     tune: Any | None = None         # TuneConfig of a `tune:` block
+    from_tune: set[str] = dataclasses.field(default_factory=set)  # students whose T, alpha, loss the tune picks
 
 
 def _norm(d: Any, where: str) -> dict[str, Any]:
@@ -102,18 +103,35 @@ def _train_caches(entry: dict, work: Path, transfer: bool, where: str, path: Pat
     return [str(work / "targets" / "train")] + ([str(work / "targets" / "transfer")] if transfer and use else [])
 
 
+def _from_tune(s: dict, where: str, path: Path, tune: bool) -> bool:
+    """`from_tune: true`: the student takes T, alpha and loss from the tune grid's best point, so it
+    trains after the grid, and may not set them itself."""
+    use = s.pop("from_tune", False)
+    if not isinstance(use, bool):
+        raise KDError(f"{path}: {where}from_tune must be true or false, not {short(use)}")
+    if use and not tune:
+        raise KDError(f"{path}: {where}from_tune needs a tune: block (the grid whose best point it trains at)")
+    own = [k for k in ("temperature", "alpha", "loss") if k in s]
+    if use and own:
+        raise KDError(f"{path}: {where}from_tune takes {', '.join(own)} from the tune's best point; remove {own[0]}")
+    return use
+
+
 def _students(entries: Any, path: Path, base: Path, work: Path, teacher_model: str, validation: bool,
-              transfer: bool = False) -> list:
-    """(name, TrainConfig) of each `students:` entry; a name is one directory under workdir/students."""
+              transfer: bool = False, tune: bool = False) -> tuple[list, set[str]]:
+    """(name, TrainConfig) of each `students:` entry (a name is one directory under workdir/students),
+    and the names of those that train at the tune's best point."""
     if not isinstance(entries or [], list):
         raise KDError(f"{path}: students must be a list of mappings (flag: value), each with a name")
-    students = []
+    students, from_tune = [], set()
     for i, s in enumerate(entries or []):
         s = _norm(s, f"students[{i}]")
         name = s.pop("name", None)
         if not name:
             raise KDError(f"{path}: students[{i}] needs a name (its output goes to workdir/students/NAME)")
         name = config.check_name(name, f"{path}: students[{i}]")
+        if _from_tune(s, f"students[{i}].", path, tune):
+            from_tune.add(name)
         _strings(s, ("student", "student_from_teacher") if s.get("student_from_teacher") is not True else ("student",),
                  f"students[{i}].", path)
         if s.get("student_from_teacher") is True:
@@ -129,7 +147,7 @@ def _students(entries: Any, path: Path, base: Path, work: Path, teacher_model: s
         students.append((name, _build(config.TrainConfig, values, f"students[{i}] ({name})", path)))
     if len({n for n, _ in students}) != len(students):
         raise KDError(f"{path}: two students share a name; names must be unique")
-    return students
+    return students, from_tune
 
 
 def _tune(block: Any, path: Path, base: Path, work: Path, teacher_model: str, validation: bool, transfer: bool = False):
@@ -214,7 +232,8 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
                   "cache_root": cache_root, "out": str(work / "targets" / split)}
         targets[split] = _build(config.TeacherConfig, values, "targets", path)
 
-    students = _students(doc.get("students"), path, base, work, teacher_model, "validation" in targets, "transfer" in targets)
+    students, from_tune = _students(doc.get("students"), path, base, work, teacher_model, "validation" in targets,
+                                    "transfer" in targets, doc.get("tune") is not None)
     tune = _tune(doc.get("tune"), path, base, work, teacher_model, "validation" in targets, "transfer" in targets)
 
     evaluation = None
@@ -228,4 +247,4 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
                   "split": split, "targets": str(work / "targets" / split),
                   "task_type": task_type, **columns, **ev, "out": str(work / "eval")}
         evaluation = _build(config.EvalConfig, values, "eval", path)
-    return Plan(doc.get("name", path.stem), work, finetune, targets, students, evaluation, tune)
+    return Plan(doc.get("name", path.stem), work, finetune, targets, students, evaluation, tune, from_tune)

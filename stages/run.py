@@ -3,8 +3,9 @@
 Read top to bottom: parse and check the whole YAML (nothing runs if any of it is wrong), then
 stage 0 (fine-tune the teacher, if asked), stage 1 for each data split (one cache per split,
 kept under the workdir's cache root by key), stage 2 for each student (all from the one train
-cache: the teacher runs once), the tune grid (`kd tune`, if a `tune:` block asks), stage 3
-(which also scores the grid's best student).
+cache: the teacher runs once), the tune grid (`kd tune`, if a `tune:` block asks), the students
+that train at the grid's best point (`from_tune: true`), stage 3 (which also scores the grid's
+best student).
 Each stage finds its own complete output by key and does no work then; the first failure stops
 the run with the stage named.
 """
@@ -29,9 +30,13 @@ def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, p
     for split, cfg in plan.targets.items():
         steps.append((f"stage 1: teacher targets for {split}", teacher.run, cfg))
     for name, cfg in plan.students:
-        steps.append((f"stage 2: student {name}", train.run, cfg))
+        if name not in plan.from_tune:
+            steps.append((f"stage 2: student {name}", train.run, cfg))
     if plan.tune is not None:
         steps.append(("stage 2: tune T, alpha and loss on the validation cache", tune.run, plan.tune))
+    for name, cfg in plan.students:  # these train at the grid's best point, so after it
+        if name in plan.from_tune:
+            steps.append((f"stage 2: student {name} (T, alpha, loss of the tune's best point)", train.run, cfg))
     if plan.evaluation is not None:
         steps.append(("stage 3: evaluation", evaluate.run, plan.evaluation))
     say(f"pipeline {plan.name}: {len(steps)} steps in {plan.workdir}")
@@ -53,14 +58,24 @@ def run(pipeline_file: str, workdir: str | None = None, dry_run: bool = False, p
         was_reused = bool(result.get("reused"))
         (reused if was_reused else ran).append(title)
         results[title] = result
-        if fn is tune.run and plan.evaluation is not None and result.get("student"):
-            plan.evaluation.model.append(result["student"])  # the grid's best student is compared too
+        if fn is tune.run:
+            _after_tune(plan, result)
         say(f"[{i}/{len(steps)}] {title}: {'reused, no work' if was_reused else f'done in {time.monotonic() - t0:.1f}s'}")
     if not ran:
         say(f"nothing to do: all {len(steps)} steps were already complete and match")
     report = Path(plan.evaluation.out) / "report.md" if plan.evaluation is not None else None
     return {"workdir": str(plan.workdir), "ran": ran, "reused": reused,
             "report": str(report) if report else None, "results": results}
+
+
+def _after_tune(plan: runfile.Plan, result: dict) -> None:
+    """The grid's best point decides the from_tune students' settings, and its (short-run) student
+    is evaluated beside the others."""
+    for name, cfg in plan.students:
+        if name in plan.from_tune:
+            cfg.temperature, cfg.alpha, cfg.loss = result["temperature"], result["alpha"], result["loss"]
+    if plan.evaluation is not None and result.get("student"):
+        plan.evaluation.model.append(result["student"])
 
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "data" / "demo" / "pipeline.yaml"

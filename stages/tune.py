@@ -174,4 +174,5 @@ def _upstream(cfg: TuneConfig, caches: list[dict], validation: dict, points: lis
 def _result(out: Path, key: str, best: dict, n: int, trained: list[str], reused: bool) -> dict:
     return {"out": str(out), "key": key, "reused": reused, "complete": True, "points": n, "trained": trained,
             "best": best["name"], "student": best["student"], "metric": best["metric"], "value": best["value"],
+            "temperature": best["temperature"], "alpha": best["alpha"], "loss": best["loss"],
             "report": str(out / "report.md"), "table": str(out / "tune.parquet"), "heatmap": str(out / "heatmap.png")}

@@ -311,3 +311,26 @@ def test_transfer_must_be_true_or_false(where, tmp_path):
 def test_without_a_transfer_split_students_stream_the_train_cache(where, tmp_path):
     plan = load(where, BASE + "students:\n  - {name: s, student: teacher, transfer: false}\n", workdir=str(tmp_path / "w"))
     assert plan.students[0][1].targets == [str(tmp_path / "w" / "targets" / "train")]
+
+
+FROM_TUNE = BASE + """\
+students:
+  - {name: picked, student: teacher, from_tune: true}
+  - {name: fixed, student: teacher, alpha: 0.9}
+tune: {student: teacher, temperatures: [1, 2], alphas: [0.5, 1.0]}
+"""
+
+
+def test_a_from_tune_student_is_marked_and_keeps_no_settings_of_its_own(where, tmp_path):
+    plan = load(where, FROM_TUNE, workdir=str(tmp_path / "w"))
+    assert plan.from_tune == {"picked"}
+    assert [n for n, _ in plan.students] == ["picked", "fixed"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (("from_tune: true}", "from_tune: yes please}"), r"students\[0\]\.from_tune must be true or false"),
+    (("from_tune: true}", "from_tune: true, temperature: 2}"), r"from_tune takes temperature from the tune's best point"),
+    (("tune: {student: teacher, temperatures: [1, 2], alphas: [0.5, 1.0]}\n", ""), r"from_tune needs a tune: block"),
+])
+def test_from_tune_refusals(where, change, message):
+    refused(where, FROM_TUNE.replace(*change), message)

@@ -26,7 +26,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "| `distilled-3l` | student |" in r.stdout and "| `ce-baseline-3l` | student |" in r.stdout
     assert f"plot:   {work / 'eval' / 'plot.png'}" in r.stdout
     df = pl.read_parquet(work / "eval" / "metrics.parquet")
-    best = json.loads((work / "tune" / "manifest.json").read_text())["stats"]["best"]["name"]
+    best_point = json.loads((work / "tune" / "manifest.json").read_text())["stats"]["best"]
+    best = best_point["name"]
+    distilled = json.loads((work / "students" / "distilled-3l" / "manifest.json").read_text())["config"]
+    assert [distilled[k] for k in ("temperature", "alpha", "loss")] == [best_point[k] for k in ("temperature", "alpha", "loss")]
     assert df["name"].to_list() == ["teacher", "ce-baseline-3l", "distilled-3l", best]  # the grid's best is scored too
     assert df["role"].to_list() == ["teacher", "student", "student", "student"]
     assert df["rows"].to_list() == [128] * 4

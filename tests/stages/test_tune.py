@@ -341,3 +341,25 @@ def test_kd_run_tune_needs_a_validation_split(tmp_path, models, datasets_dir):
     path = pipeline_yaml(tmp_path, models, datasets_dir, tune={"temperatures": "1,2"})
     with pytest.raises(KDError, match="add data.validation"):
         runfile.load(path)
+
+
+def test_kd_run_trains_a_from_tune_student_at_the_best_point_after_the_grid(tmp_path, models, datasets_dir):
+    """End to end on tiny models: the grid runs first, its best (T, alpha, loss) becomes the
+    from_tune student's settings, and the evaluation scores that student and the grid's best."""
+    path = tune_pipeline(tmp_path, models, datasets_dir)
+    doc = yaml.safe_load(path.read_text())
+    doc["students"].append({"name": "picked", "student_from_teacher": True, "student_layers": [0], "from_tune": True,
+                            "max_steps": 2, "batch_size": 8, "save_every": 100})
+    path.write_text(yaml.safe_dump(doc))
+    first = run_stage.run(str(path), progress=False)
+    titles = first["ran"]
+    assert titles.index("stage 2: student picked (T, alpha, loss of the tune's best point)") == \
+        titles.index("stage 2: tune T, alpha and loss on the validation cache") + 1
+    work = tmp_path / "work"
+    best = read_json(work / "tune" / "manifest.json")["stats"]["best"]
+    picked = read_json(work / "students" / "picked" / "manifest.json")["config"]
+    assert (picked["temperature"], picked["alpha"], picked["loss"]) == (best["temperature"], best["alpha"], best["loss"])
+    metrics = pl.read_parquet(work / "eval" / "metrics.parquet")
+    assert metrics["name"].to_list() == ["teacher", "small", "picked", best["name"]]
+    second = run_stage.run(str(path), progress=False)
+    assert second["ran"] == [] and len(second["reused"]) == len(titles)
