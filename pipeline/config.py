@@ -48,6 +48,26 @@ def internal(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"cli": False, "key": False})
 
 
+def comma_values(raw: Any, flag: str, convert, example: str, what: str = "values") -> list:
+    """A list flag given as `a,b,c` (CLI) or a YAML list, as converted values; blanks are skipped,
+    and a value that does not convert, or nothing at all, is a one-line refusal."""
+    items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) else [raw]
+    values = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            values.append(convert(text))
+        except ValueError:
+            raise KDError(f"{flag} must be {what} separated by commas, e.g. {example}, not {short(raw)}") from None
+    if not values:
+        raise KDError(f"{flag} is empty: give at least one value, e.g. {example}")
+    return values
+
+
 @dataclasses.dataclass
 class TeacherConfig:
     """Stage 1: run the teacher once and cache its top-k soft targets as Parquet shards."""
@@ -92,16 +112,7 @@ class TeacherConfig:
             if not (math.isfinite(t) and t > 0):
                 raise KDError(f"--temperature must be a positive finite number, got {t}")
             return [t]
-        raw = self.temperatures.split(",") if isinstance(self.temperatures, str) else self.temperatures
-        raw = raw if isinstance(raw, (list, tuple)) else [raw]
-        try:
-            if any(isinstance(t, bool) for t in raw):
-                raise ValueError
-            grid = [float(str(t).strip()) for t in raw if str(t).strip()]
-        except ValueError:
-            raise KDError(f"--temperatures must be numbers separated by commas, e.g. 1,2,4, not {short(self.temperatures)}") from None
-        if not grid:
-            raise KDError("--temperatures is empty; give at least one temperature, e.g. 1,2,4")
+        grid = comma_values(self.temperatures, "--temperatures", float, "1,2,4", "numbers")
         for i, t in enumerate(grid):
             if not (math.isfinite(t) and t > 0):
                 raise KDError(f"--temperatures must all be positive finite numbers, got {t:g}; drop it from the grid")
@@ -249,7 +260,8 @@ def _tune_config():
         "TuneConfig", own + inherited, kw_only=True,
         namespace={"__module__": __name__, "__doc__": "Choose T, alpha and the loss by measurement: one student per "
                                                       "grid point from the same cache(s), each scored on a validation "
-                                                      "cache; the best point is named in report.md."})
+                                                      "cache; the best point is named in report.md.",
+                   "__post_init__": TrainConfig.__post_init__})  # --targets: always a list, as kd train's
 
 
 TuneConfig = _tune_config()

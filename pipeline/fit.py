@@ -113,14 +113,28 @@ SAME_IN_EVERY_CACHE = {
 }
 
 
+def first_difference(first: dict, other: dict, fields: tuple[str, ...] = tuple(SAME_IN_EVERY_CACHE)) -> str | None:
+    """'FIELD (OTHER vs FIRST)' for the first of `fields` (keys of SAME_IN_EVERY_CACHE) in which two
+    cache manifests differ, or None; fingerprints show their first 12 characters, other values at
+    most 80 (a label map can be long, and a message is one line)."""
+    def shown(field, v):
+        text = str(v)
+        if field in ("teacher", "tokenizer"):
+            return text[:12]
+        return text if len(text) <= 80 else text[:79] + "…"
+
+    for field in fields:
+        a, b = SAME_IN_EVERY_CACHE[field](first), SAME_IN_EVERY_CACHE[field](other)
+        if a != b:
+            return f"{field} ({shown(field, b)} vs {shown(field, a)})"
+    return None
+
+
 def check_caches_agree(caches: list[dict], paths: list[str]) -> None:
     """Refuse, naming the first field that differs, caches that cannot be streamed as one set."""
-    first = caches[0]
     for m, path in zip(caches[1:], paths[1:]):
-        for field, value in SAME_IN_EVERY_CACHE.items():
-            a, b = value(first), value(m)
-            if a != b:
-                shown = (lambda v: str(v)[:12]) if field in ("teacher", "tokenizer") else str
-                raise KDError(f"--targets {path} differs from {paths[0]} in its {field} ({shown(b)} vs {shown(a)}); "
-                              f"several caches of one student must come from one teacher run the same way (kd teacher "
-                              f"with the same model, tokenizer, --top-k, --temperature and --value-dtype)")
+        differs = first_difference(caches[0], m)
+        if differs:
+            raise KDError(f"--targets {path} differs from {paths[0]} in its {differs}; several caches of one student "
+                          f"must come from one teacher run the same way (kd teacher with the same model, tokenizer, "
+                          f"--top-k, --temperature and --value-dtype)")

@@ -94,21 +94,25 @@ def _strings(d: dict, keys, where: str, path: Path) -> None:
             raise KDError(f"{path}: {where}{k} must be a string, not {short(v)}")
 
 
+def _pop_bool(entry: dict, key: str, default: bool, where: str, path: Path) -> bool:
+    """A pipeline-only switch of a student or tune entry (not a flag of its stage), taken out of it."""
+    value = entry.pop(key, default)
+    if not isinstance(value, bool):
+        raise KDError(f"{path}: {where}{key} must be true or false, not {short(value)}")
+    return value
+
+
 def _train_caches(entry: dict, work: Path, transfer: bool, where: str, path: Path) -> list[str]:
     """The caches a student streams by default: the train split's, plus the transfer set's when the
     pipeline has one and the entry does not say `transfer: false` (a labelled-only baseline)."""
-    use = entry.pop("transfer", True)
-    if not isinstance(use, bool):
-        raise KDError(f"{path}: {where}transfer must be true or false, not {short(use)}")
+    use = _pop_bool(entry, "transfer", True, where, path)
     return [str(work / "targets" / "train")] + ([str(work / "targets" / "transfer")] if transfer and use else [])
 
 
 def _from_tune(s: dict, where: str, path: Path, tune: bool) -> bool:
     """`from_tune: true`: the student takes T, alpha and loss from the tune grid's best point, so it
     trains after the grid, and may not set them itself."""
-    use = s.pop("from_tune", False)
-    if not isinstance(use, bool):
-        raise KDError(f"{path}: {where}from_tune must be true or false, not {short(use)}")
+    use = _pop_bool(s, "from_tune", False, where, path)
     if use and not tune:
         raise KDError(f"{path}: {where}from_tune needs a tune: block (the grid whose best point it trains at)")
     own = [k for k in ("temperature", "alpha", "loss") if k in s]

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline import config, io, manifest, report, tasks
 from pipeline.errors import KDError, short
+from pipeline.fit import first_difference
 
 POINTS, EVALS = "points", "evals"
 OUTPUTS = ("tune.parquet", "heatmap.png", "report.md")
@@ -34,38 +35,15 @@ class Point:
         return f"T{self.temperature:g}-a{self.alpha:g}-{self.loss}"
 
 
-def as_list(targets: Any) -> list[str]:
-    """--targets as a list of cache directories (one given as a plain string, or several)."""
-    return [str(targets)] if isinstance(targets, (str, Path)) else [str(t) for t in targets or []]
-
-
-def _values(raw: Any, flag: str, convert) -> list:
-    """A comma-separated string (or a list, from YAML) as converted values; one-line refusals."""
-    items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) else [raw]
-    values = []
-    for item in items:
-        text = str(item).strip()
-        if not text:
-            continue
-        try:
-            if isinstance(item, bool):
-                raise ValueError
-            values.append(convert(text))
-        except ValueError:
-            raise KDError(f"{flag} must be values separated by commas, e.g. {_EXAMPLES[flag]}, not {short(raw)}") from None
-    if not values:
-        raise KDError(f"{flag} is empty: the grid needs at least one value, e.g. {_EXAMPLES[flag]}")
-    return values
-
-
 _EXAMPLES = {"--temperatures": "1,2,4", "--alphas": "0.5,0.9,1.0", "--losses": "kl,reverse-kl"}
 
 
 def grid(temperatures: Any, alphas: Any, losses: Any) -> list[Point]:
     """Every (T, alpha, loss) point, refused before anything trains when a value is out of range,
     unknown, or given twice."""
-    ts, alphas_, losses_ = (_values(temperatures, "--temperatures", float), _values(alphas, "--alphas", float),
-                            _values(losses, "--losses", str))
+    ts, alphas_, losses_ = (config.comma_values(temperatures, "--temperatures", float, _EXAMPLES["--temperatures"]),
+                            config.comma_values(alphas, "--alphas", float, _EXAMPLES["--alphas"]),
+                            config.comma_values(losses, "--losses", str, _EXAMPLES["--losses"]))
     for t in ts:
         if not (math.isfinite(t) and t > 0):
             raise KDError(f"--temperatures must be positive finite numbers, got {t:g}")
@@ -106,29 +84,22 @@ def point_config(cfg, point: Point):
 # What the validation cache must share with the training caches for its scores to mean anything:
 # its labels and token ids index what the students predict, and agreement and KL compare them with
 # the teacher they learnt from. Its data, max length, k and T may differ.
-MUST_AGREE = {
-    "task type": lambda m: m["stats"]["task_type"],
-    "teacher": lambda m: m["fingerprints"]["teacher"]["sha256"],
-    "tokenizer": lambda m: m["fingerprints"]["tokenizer"]["sha256"],
-    "labels": lambda m: m["stats"].get("id2label"),
-}
+MUST_AGREE = ("task type", "teacher", "tokenizer", "labels")
 
 
 def open_caches(cfg) -> tuple[list[dict], dict]:
     """The manifests of the training caches and of the validation cache, each complete, and the
     validation cache refused (naming the field) unless it is of the training caches' teacher."""
-    paths = as_list(cfg.targets)
+    paths = cfg.targets or []
     if not paths:
         raise KDError("kd tune distils from a cache: give --targets DIR")
     caches = [manifest.read_cache(Path(p)) for p in paths]
     validation = manifest.read_cache(Path(cfg.eval_targets))
-    for field, value in MUST_AGREE.items():
-        a, b = value(caches[0]), value(validation)
-        if a != b:
-            shown = (lambda v: str(v)[:12]) if field in ("teacher", "tokenizer") else (lambda v: short(v))
-            raise KDError(f"--eval-targets {cfg.eval_targets} differs from --targets {paths[0]} in its {field} "
-                          f"({shown(b)} vs {shown(a)}); score the points on a cache of the same teacher (kd teacher with "
-                          f"the model and tokenizer of --targets, on the validation split)")
+    differs = first_difference(caches[0], validation, MUST_AGREE)
+    if differs:
+        raise KDError(f"--eval-targets {cfg.eval_targets} differs from --targets {paths[0]} in its {differs}; score the "
+                      f"points on a cache of the same teacher (kd teacher with the model and tokenizer of --targets, on "
+                      f"the validation split)")
     return caches, validation
 
 

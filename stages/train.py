@@ -398,9 +398,10 @@ def _eval_loader(cfg: TrainConfig, d, setup: Setup):
     if setup.fit.mode == "ids" and not same_vocab:
         raise KDError(f"--eval-targets {cfg.eval_targets} was tokenised with another vocabulary than --targets; build both with the same "
                       f"teacher")
-    obj, pick = setup.objective, choose_lse(cache_grid(ev["stats"]), setup.objective.temperature)
-    if (cache_grid(ev["stats"])[0], pick.index, pick.temperature) != (obj.cache_temperature, setup.collate.lse_index, obj.lse_temperature):
-        raise KDError(f"--eval-targets {cfg.eval_targets} holds T={cache_grid(ev['stats'])}, the training cache T={cache_grid(stats)}, "
+    obj, grid = setup.objective, cache_grid(ev["stats"])
+    pick = choose_lse(grid, obj.temperature)
+    if (grid[0], pick.index, pick.temperature) != (obj.cache_temperature, setup.collate.lse_index, obj.lse_temperature):
+        raise KDError(f"--eval-targets {cfg.eval_targets} holds T={grid}, the training cache T={cache_grid(stats)}, "
                       f"and it is read as the training cache is; build both with the same --temperature / --temperatures")
     text_pair = bool((ev["config"].get("columns") or {}).get("text_pair"))
     source = ParquetSource([manifest.path_of(Path(cfg.eval_targets), f["path"]) for f in ev["files"]], setup.task_type,

@@ -134,7 +134,7 @@ def _header(cfg: TuneConfig, points: list[Point], validation: dict, teacher: dic
                        if v is not None)
     lines = [f"{len(points)} grid points: T ∈ {{{', '.join(f'{t:g}' for t in axes[0])}}} × α ∈ "
              f"{{{', '.join(f'{a:g}' for a in axes[1])}}} × loss ∈ {{{', '.join(losses)}}}. Each point is a student trained "
-             f"from {', '.join(f'`{t}`' for t in tuning.as_list(cfg.targets))} with the same settings ({shared}) and "
+             f"from {', '.join(f'`{t}`' for t in cfg.targets)} with the same settings ({shared}) and "
              f"scored on the validation cache `{cfg.eval_targets}` (key `{validation['key'][:12]}`, "
              f"{validation['stats']['total_rows']} rows); the teacher never ran again."]
     if teacher is not None and tuning.finite(teacher.get(metric)):
@@ -162,7 +162,7 @@ def _notes(cfg: TuneConfig, points: list[Point], caches: list[dict], rows: list[
 def _upstream(cfg: TuneConfig, caches: list[dict], validation: dict, points: list[Point]) -> list[dict]:
     """What the tune consumed: the training caches, the validation cache, and every point's
     student and evaluation (path and key)."""
-    paths, out = tuning.as_list(cfg.targets), Path(cfg.out)
+    paths, out = cfg.targets, Path(cfg.out)
     found = [{"kind": "targets", "path": str(Path(p).resolve()), "key": m["key"]} for p, m in zip(paths, caches)]
     found.append({"kind": "targets", "role": "validation", "path": str(Path(cfg.eval_targets).resolve()), "key": validation["key"]})
     for p in points:

@@ -103,6 +103,18 @@ def make_data(path: Path, task_type: str, n: int = 40, seed: int = 0) -> Path:
 TASK_TYPES = ["sequence-classification", "token-classification", "masked-lm", "causal-lm"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train several times faster on one thread on a shared 2-core machine; a module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")

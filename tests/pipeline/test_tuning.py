@@ -69,7 +69,7 @@ def test_point_config_is_the_shared_settings_plus_the_point():
     assert (train.temperature, train.alpha, train.loss) == (4.0, 0.9, "reverse-kl")
     assert train.out == "tune/points/T4-a0.9-reverse-kl" and tuning.eval_dir("tune", point).as_posix() == "tune/evals/T4-a0.9-reverse-kl"
     assert (train.lr, train.max_steps, train.student_from_teacher, train.student_layers, train.save_every) == (1e-3, 7, "t", "0,2", 3)
-    assert tuning.as_list(train.targets) == ["c/train"] and train.sweep is None and train.eval_targets is None
+    assert train.targets == ["c/train"] and train.sweep is None and train.eval_targets is None
 
 
 def test_key_follows_the_grid_and_the_settings_not_the_spelling_or_the_place():

@@ -55,6 +55,18 @@ def kd_slurm(cluster, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def shared_cache(cluster, tmp_path_factory, tokenizer_dir, cwd: Path) -> tuple[dict[str, Path], Path]:
+    """The shared inputs and the one cache under their --cache-root that stage 1 built as an array;
+    a module that runs alone (no cache yet) builds it first, as a 2-task array."""
+    inp = shared_inputs(tmp_path_factory, tokenizer_dir)
+    if not list(inp["cache_root"].glob("*/manifest.json")):
+        proc = kd_slurm(cluster, cwd, "teacher", "--num-tasks", "2", *SCHED, "--kd", KD, "--logs", str(cwd / "logs"),
+                        "--submit", "--", *teacher_args(inp, "--cache-root", str(inp["cache_root"])))
+        assert set(cluster.wait(proc.stdout.split(), timeout=WAIT).values()) == {"COMPLETED"}
+    [cache] = [p.parent for p in inp["cache_root"].glob("*/manifest.json")]
+    return inp, cache
+
+
 def read_cache(out: Path) -> pa.Table:
     m = manifest.read_manifest(out, kind="targets")
     return pa.concat_tables([pq.read_table(Path(out) / f["path"]) for f in m["files"]]).sort_by("row")

@@ -9,19 +9,14 @@ import polars as pl
 import pytest
 
 from pipeline import manifest
-from tests.slurm.test_stage1_array import KD, SCHED, WAIT, kd_slurm, shared_inputs, teacher_args
+from tests.slurm.test_stage1_array import KD, SCHED, WAIT, kd_slurm, shared_cache
 from tests.slurm.test_sweep_array import snapshot
 
 pytestmark = pytest.mark.slurm
 
 
 def test_tune_grid_runs_as_an_array_then_writes_its_outputs(slurm_cluster, tmp_path_factory, tokenizer_dir, tmp_path):
-    inp = shared_inputs(tmp_path_factory, tokenizer_dir)
-    if not list(inp["cache_root"].glob("*/manifest.json")):  # this module ran alone: stage 1 first
-        proc = kd_slurm(slurm_cluster, tmp_path, "teacher", "--num-tasks", "2", *SCHED, "--kd", KD, "--logs",
-                        str(tmp_path / "logs"), "--submit", "--", *teacher_args(inp, "--cache-root", str(inp["cache_root"])))
-        assert set(slurm_cluster.wait(proc.stdout.split(), timeout=WAIT).values()) == {"COMPLETED"}
-    [cache] = [p.parent for p in inp["cache_root"].glob("*/manifest.json")]
+    inp, cache = shared_cache(slurm_cluster, tmp_path_factory, tokenizer_dir, tmp_path)
     key = manifest.read_manifest(cache)["key"]
     before = snapshot(cache)
 

@@ -43,12 +43,7 @@ SEQ, CLM = "sequence-classification", "causal-lm"
 TRIALS = int(os.environ.get("KD_FAULT_TRIALS", "2"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def env(**extra) -> dict:

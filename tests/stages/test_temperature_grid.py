@@ -31,13 +31,7 @@ CLM = "causal-lm"
 GRID = [2.0, 1.0, 4.0]  # stored at 2; T = 1 (for kd eval) and 4 beside it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tcfg(models, data, out, task=CLM, **kw) -> TeacherConfig:

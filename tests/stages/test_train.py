@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KD = [sys.executable, "-m", "pipeline.cli"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def env(**extra) -> dict:

@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -22,12 +21,7 @@ from tests.conftest import TASK_TYPES, make_data, write_jsonl
 LABELLED_ROWS, UNLABELLED_ROWS = 24, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def unlabelled_data(path: Path, task_type: str, nulls: bool) -> Path:

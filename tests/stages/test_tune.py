@@ -12,7 +12,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
@@ -33,13 +32,7 @@ SEQ, TOK = "sequence-classification", "token-classification"
 GRID = ["T1-a0.5-kl", "T1-a1-kl", "T2-a0.5-kl", "T2-a1-kl"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +303,7 @@ def test_kd_run_with_a_tune_block(tmp_path, models, datasets_dir, monkeypatch):
     plan = runfile.load(path)
     work = tmp_path / "work"
     assert plan.tune.out == str(work / "tune") and plan.tune.eval_targets == str(work / "targets" / "validation")
-    assert tuning.as_list(plan.tune.targets) == [str(work / "targets" / "train")]
+    assert plan.tune.targets == [str(work / "targets" / "train")]
     assert plan.tune.student_from_teacher == str(work / "teacher") and plan.tune.max_steps == 2
     r = CliRunner().invoke(cli, ["run", str(path), "--dry-run"])
     assert r.exit_code == 0, r.output
