@@ -30,6 +30,7 @@ from pipeline.errors import KDError, short
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("kl", "kl-renorm", "reverse-kl", "jsd")
+TARGET_MODES = ("topk", "sampled")
 NO_DEFAULT = dataclasses.MISSING
 
 
@@ -85,6 +86,11 @@ class TeacherConfig:
     id_column: str | None = flag(None, "Default: id where present, else the row index.")
     max_length: int = flag(512, "Tokens per example (longer inputs are truncated and counted).")
     top_k: int = flag(32, "Ids kept per position (classification: min(k, C), so exact).")
+    target_mode: str = flag("topk", "What a position stores: the top-k ids, or ids sampled from the teacher's "
+                                    "distribution at T (unbiased; --samples draws).", choices=TARGET_MODES)
+    samples: int = flag(12, "sampled: draws per position, with replacement (distinct ids and counts are stored).")
+    sample_seed: int = flag(0, "sampled: seed of the draws (with the cache key and the row, so reruns and "
+                               "job-array tasks draw the same ids).")
     temperature: float | None = flag(None, "T of the stored z/T (default: the first of --temperatures, else 1).")
     temperatures: Any = flag(None, "A grid of T, e.g. 1,2,4: z/T stored at the first, plus the full-vocabulary logsumexp "
                                    "at every one, so students train at any of them with the exact tail.",

@@ -138,14 +138,15 @@ def dataset_fingerprint(data: str, split: str, columns: dict[str, str | None], r
 
 def cache_key(*, teacher: dict, tokenizer: dict, dataset: dict, task_type: str, max_length: int,
               top_k: int, temperature: float, value_dtype: str, mask: dict | None,
-              format_version: int, vocab_limit: int | None = None, temperatures: list[float] | None = None) -> str:
+              format_version: int, vocab_limit: int | None = None, temperatures: list[float] | None = None,
+              sampling: dict | None = None) -> str:
     body = {
         "teacher": teacher["sha256"],
         "tokenizer": tokenizer["sha256"],
         "dataset": dataset["sha256"],
         "task_type": task_type,
         "max_length": int(max_length),
-        "top_k": int(top_k),
+        "top_k": None if top_k is None else int(top_k),  # None: a sampled cache
         "temperature": float(temperature),
         "value_dtype": value_dtype,
         "mask": mask,
@@ -155,4 +156,6 @@ def cache_key(*, teacher: dict, tokenizer: dict, dataset: dict, task_type: str, 
         body["vocab_limit"] = int(vocab_limit)
     if temperatures is not None and len(temperatures) > 1:  # a grid: its lse columns are content; one T keeps its key
         body["temperatures"] = [float(t) for t in temperatures]
+    if sampling is not None:  # sampled targets: mode, draws and seed are content; top-k caches keep their key
+        body["sampling"] = {k: sampling[k] for k in ("mode", "samples", "seed")}
     return io.sha256_bytes(io.canonical_json(body).encode())

@@ -105,6 +105,8 @@ SAME_IN_EVERY_CACHE = {
     "tokenizer": lambda m: m["fingerprints"]["tokenizer"]["sha256"],
     "temperature": lambda m: float(m["stats"]["temperature"]),
     "temperature grid": lambda m: m["stats"].get("temperatures"),
+    "target mode": lambda m: m["stats"].get("target_mode", "topk"),
+    "samples": lambda m: m["stats"].get("samples"),
     "top-k": lambda m: m["stats"]["top_k"],
     "value dtype": lambda m: m["stats"]["value_dtype"],
     "labels": lambda m: m["stats"].get("id2label"),
@@ -137,4 +139,4 @@ def check_caches_agree(caches: list[dict], paths: list[str]) -> None:
         if differs:
             raise KDError(f"--targets {path} differs from {paths[0]} in its {differs}; several caches of one student "
                           f"must come from one teacher run the same way (kd teacher with the same model, tokenizer, "
-                          f"--top-k, --temperature and --value-dtype)")
+                          f"--top-k or --target-mode/--samples, --temperature and --value-dtype)")

@@ -11,6 +11,14 @@ One optional column, `lse_grid` (list<list<float32>>: per position, logsumexp(z/
 temperature of a `kd teacher --temperatures` grid, in grid order, so lse_grid[p][0] == lse[p]),
 is present only in grid caches. It is an addition, not a new version: the format version stays 1
 and a reader that does not know it ignores the extra column (every column it needs is unchanged).
+
+A sampled cache (`kd teacher --target-mode sampled`, the math in pipeline.softtargets) stores, in
+place of topk_ids / topk_logits, the distinct ids drawn at each position in ascending id order
+(`sample_ids`, list<list<int32>>, between 1 and M per position), how often each was drawn
+(`sample_counts`, list<list<uint16>>, summing to M) and their z/T (`sample_logits`); `lse` is as
+in every cache. A reader that expects top-k columns refuses it (the columns are missing), so no
+older kd misreads one. The float16 `sample_logits` are written PLAIN, not BYTE_STREAM_SPLIT:
+DuckDB reads that split for 4- and 8-byte types only.
 """
 
 from __future__ import annotations
@@ -25,19 +33,31 @@ from pipeline import io, tasks
 from pipeline.errors import KDError
 
 FORMAT_VERSION = 1
+TARGET_COLUMNS = {"topk": ("topk_ids", "topk_logits"), "sampled": ("sample_ids", "sample_counts", "sample_logits")}
+MAX_SAMPLES = 65535  # counts are uint16
 VALUE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 POSITIONS_PER_ROW_GROUP = 65536
 META_PREFIX = "kd."
+
+
+def target_mode(stats: dict) -> str:
+    """A cache's target mode from its manifest stats; caches written before sampled targets are top-k."""
+    mode = stats.get("target_mode", "topk")
+    if mode not in TARGET_COLUMNS:
+        raise KDError(f"the cache's target mode {str(mode)[:40]!r} is unknown to this kd ({', '.join(TARGET_COLUMNS)}); upgrade kd "
+                      f"or rebuild the cache")
+    return mode
 
 
 def _list(t: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("item", t, nullable=False))
 
 
-def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False, lse_grid: bool = False) -> pa.Schema:
+def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False, lse_grid: bool = False,
+           target_mode: str = "topk") -> pa.Schema:
     """The Arrow schema of a shard for a task type; text fields are kept so that a student
     with its own tokenizer can re-tokenise classification inputs. `lse_grid`: a grid cache's
-    extra column (see the module doc)."""
+    extra column; `target_mode` "sampled": sample columns instead of top-k (see the module doc)."""
     task = tasks.get(task_type)
     if value_dtype not in VALUE_DTYPES:
         raise KDError(f"unknown value dtype {value_dtype!r}: use float16 or float32")
@@ -53,16 +73,42 @@ def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False
         pa.field("labels", task.label_type(), nullable=True),
         pa.field("truncated", pa.bool_(), nullable=False),
         pa.field("positions", _list(pa.int32()), nullable=False),
-        pa.field("topk_ids", _list(_list(pa.int32())), nullable=False),
-        pa.field("topk_logits", _list(_list(VALUE_DTYPES[value_dtype])), nullable=False),
-        pa.field("lse", _list(pa.float32()), nullable=False),
     ]
+    if target_mode == "sampled":
+        fields += [
+            pa.field("sample_ids", _list(_list(pa.int32())), nullable=False),
+            pa.field("sample_counts", _list(_list(pa.uint16())), nullable=False),
+            pa.field("sample_logits", _list(_list(VALUE_DTYPES[value_dtype])), nullable=False),
+        ]
+    elif target_mode == "topk":
+        fields += [
+            pa.field("topk_ids", _list(_list(pa.int32())), nullable=False),
+            pa.field("topk_logits", _list(_list(VALUE_DTYPES[value_dtype])), nullable=False),
+        ]
+    else:
+        raise KDError(f"unknown target mode {target_mode!r}: use topk or sampled")
+    fields.append(pa.field("lse", _list(pa.float32()), nullable=False))
     if lse_grid:
         fields.append(pa.field("lse_grid", _list(_list(pa.float32())), nullable=False))
     return pa.schema(fields)
 
 
-PAYLOAD_COLUMNS = ("input_ids", "positions", "topk_ids", "topk_logits", "lse", "lse_grid")
+PAYLOAD_COLUMNS = ("input_ids", "positions", "topk_ids", "topk_logits", "lse", "lse_grid", "sample_ids", "sample_counts",
+                   "sample_logits")
+
+
+def _split_leaves(schema: pa.Schema) -> list[str]:
+    """The payload leaves written BYTE_STREAM_SPLIT: all but 2-byte floats of the sample columns, which
+    DuckDB could not read so (the top-k columns keep their measured layout)."""
+    out = []
+    for c in PAYLOAD_COLUMNS:
+        if c in schema.names:
+            t = schema.field(c).type
+            while pa.types.is_list(t):
+                t = t.value_type
+            if not (c.startswith("sample_") and t == pa.float16()):
+                out.append(_leaf_path(schema, c))
+    return out
 
 
 def _leaf_path(schema: pa.Schema, name: str) -> str:
@@ -91,7 +137,7 @@ def write_shard(path: str | os.PathLike, table: pa.Table, metadata: dict[str, st
             compression="zstd",
             compression_level=1,
             use_dictionary=False,
-            use_byte_stream_split=[_leaf_path(table.schema, c) for c in PAYLOAD_COLUMNS if c in table.schema.names],
+            use_byte_stream_split=_split_leaves(table.schema),
             write_statistics=["row"],
             store_schema=True,
         )
@@ -111,10 +157,10 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def check_shard(path: str | os.PathLike, task_type: str, value_dtype: str, text_pair: bool,
-                cache_key: str | None = None, lse_grid: bool = False) -> pq.ParquetFile:
+                cache_key: str | None = None, lse_grid: bool = False, target_mode: str = "topk") -> pq.ParquetFile:
     """Open a shard and refuse it, naming the difference, unless it matches format version 1.
     `lse_grid`: the caller reads that optional column, so it must be there; it is type-checked
-    whenever it is present, and otherwise never required."""
+    whenever it is present, and otherwise never required. `target_mode`: the cache's (its manifest's)."""
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for damaged files
@@ -125,7 +171,7 @@ def check_shard(path: str | os.PathLike, task_type: str, value_dtype: str, text_
     if cache_key is not None and md.get("cache_key") != cache_key:
         raise KDError(f"{path}: belongs to cache {md.get('cache_key', '?')[:12]}, not {cache_key[:12]}; the directory mixes two caches")
     got = pf.schema_arrow
-    want = schema(task_type, value_dtype, text_pair, lse_grid=lse_grid or "lse_grid" in got.names)
+    want = schema(task_type, value_dtype, text_pair, lse_grid=lse_grid or "lse_grid" in got.names, target_mode=target_mode)
     for f in want:
         if f.name not in got.names:
             raise KDError(f"{path}: column {f.name!r} is missing; regenerate the cache")

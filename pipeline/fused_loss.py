@@ -90,9 +90,9 @@ def _chunk_sums(z: Tensor, targets: tuple[Tensor, Tensor, Tensor] | None, labels
     kd = zero
     if targets is not None:
         with torch.set_grad_enabled(grad and obj.alpha > 0.0):
-            ids, values, lse = targets
+            ids, values, lse, counts = targets
             kd = kd_loss_sum(z, ids, values, lse, loss=obj.loss, cache_temperature=obj.cache_temperature,
-                             temperature=obj.temperature, lse_temperature=obj.lse_temperature)
+                             temperature=obj.temperature, lse_temperature=obj.lse_temperature, counts=counts)
     ce = zero
     if labels is not None:
         with torch.set_grad_enabled(grad and obj.alpha < 1.0):
@@ -116,8 +116,10 @@ def _kl_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, grad: 
     The values are computed with exactly the operations of `kd_loss_sum` (same clamps), and the
     formula is the derivative of those operations wherever no clamp is active: a chunk where one is
     (a log-prob below the floor, a stored mass so close to 1 that the tail takes the exact route)
-    returns None."""
-    ids, values, lse = targets
+    returns None. A sampled cache (counts given) has dKL/ds = q - c / M (`_sampled_chunk`)."""
+    ids, values, lse, counts = targets
+    if counts is not None:
+        return _sampled_chunk(z, targets, labels, obj, grad)
     if ids.shape[1] >= z.shape[1] or not obj.exact_tail:
         return None
     floor, t = _floor(z.dtype), obj.temperature
@@ -131,17 +133,10 @@ def _kl_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, grad: 
     log_p, log_p_tail = teacher_log_probs(values.to(z.dtype), lse, obj.cache_temperature, t, obj.lse_temperature)
     log_pb = torch.cat([log_p, log_p_tail.unsqueeze(-1)], dim=-1)
     kd = _divergence("kl", log_pb, torch.cat([log_q, log_q_tail.unsqueeze(-1)], dim=-1)).sum()
-    ce, c_rows, sm = z.new_zeros(()), None, None
-    if labels is not None:
-        labelled = labels != -100
-        at = labels.clamp(min=0).unsqueeze(-1)
-        sm = q if t == 1.0 else torch.softmax(z, dim=-1)
-        p_label = sm.gather(1, at).squeeze(-1)
-        if bool((labelled & (p_label < torch.finfo(z.dtype).tiny)).any()):
-            return None  # the label's probability underflows: its CE needs the logsumexp route
-        ce = torch.where(labelled, -torch.log(p_label), 0.0).sum()
-        if grad and obj.alpha < 1.0:
-            c_rows = labelled.to(z.dtype) * ((1.0 - obj.alpha) / max(obj.num_labelled, 1))
+    terms = _ce_terms(z, q, labels, obj, grad)
+    if terms is None:
+        return None
+    ce, c_rows, sm = terms
     a = obj.alpha * t / max(obj.num_positions, 1) if grad and obj.alpha > 0.0 else 0.0  # alpha T^2 / N, times ds/dz = 1/T
     if not a and c_rows is None:
         return kd, ce, None
@@ -154,11 +149,59 @@ def _kl_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, grad: 
         row, at_k = row + c_rows, at_k + c_rows.unsqueeze(-1) * q_k
     g = q.mul_(row.unsqueeze(-1))
     g.scatter_(1, ids, at_k)
+    return kd, ce, _add_ce(g, sm, labels, c_rows, shared)
+
+
+def _ce_terms(z: Tensor, q: Tensor, labels: Tensor | None, obj: _Objective, grad: bool):
+    """(CE sum, per-row CE gradient weight or None, softmax(z) or None) of a chunk, given q = softmax(z / T);
+    None when a label's probability underflows and its CE needs the logsumexp route (autograd)."""
+    if labels is None:
+        return z.new_zeros(()), None, None
+    labelled = labels != -100
+    sm = q if obj.temperature == 1.0 else torch.softmax(z, dim=-1)
+    p_label = sm.gather(1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if bool((labelled & (p_label < torch.finfo(z.dtype).tiny)).any()):
+        return None
+    ce = torch.where(labelled, -torch.log(p_label), 0.0).sum()
+    c_rows = labelled.to(z.dtype) * ((1.0 - obj.alpha) / max(obj.num_labelled, 1)) if grad and obj.alpha < 1.0 else None
+    return ce, c_rows, sm
+
+
+def _add_ce(g: Tensor, sm: Tensor | None, labels: Tensor | None, c_rows: Tensor | None, shared: bool) -> Tensor:
+    """g plus c (softmax(z) - onehot(label)): the CE share of the gradient (its softmax part already in g when shared)."""
     if c_rows is not None:
         if not shared:
             g.add_(sm.mul_(c_rows.unsqueeze(-1)))
-        g.scatter_add_(1, at, -c_rows.unsqueeze(-1))
-    return kd, ce, g
+        g.scatter_add_(1, labels.clamp(min=0).unsqueeze(-1), -c_rows.unsqueeze(-1))
+    return g
+
+
+def _sampled_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, grad: bool):
+    """`_kl_chunk` for a sampled cache: KD = sum w (log p - log q) at the drawn ids (w = c / M, 0 for
+    padding), gradient a (q - w) scattered-added (padding may repeat an id), same CE terms and fallback."""
+    ids, values, lse, counts = targets
+    floor, t = _floor(z.dtype), obj.temperature
+    q = torch.softmax(z / t if t != 1.0 else z, dim=-1)
+    w = counts.to(z.dtype)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+    log_q = torch.log(q.gather(1, ids))
+    if bool(((log_q < floor) & (w > 0)).any()):
+        return None
+    log_p = (values.to(z.dtype) - lse.to(z.dtype).unsqueeze(-1)).clamp(min=floor)
+    kd = torch.where(w > 0, w * (log_p - log_q), 0.0).sum()
+    terms = _ce_terms(z, q, labels, obj, grad)
+    if terms is None:
+        return None
+    ce, c_rows, sm = terms
+    a = obj.alpha * t / max(obj.num_positions, 1) if grad and obj.alpha > 0.0 else 0.0
+    if not a and c_rows is None:
+        return kd, ce, None
+    shared = c_rows is not None and t == 1.0
+    row = torch.full_like(lse, a, dtype=z.dtype) + (c_rows if shared else 0.0)
+    g = q.mul_(row.unsqueeze(-1))
+    if a:
+        g.scatter_add_(1, ids, -a * w)
+    return kd, ce, _add_ce(g, sm, labels, c_rows, shared)
 
 
 def _chunk(h: Tensor, w: Tensor, b: Tensor | None, targets, labels: Tensor | None, obj: _Objective,
@@ -235,14 +278,14 @@ def _evaluate(hidden, weight, bias, targets, labels, objective: _Objective, head
 class FusedHeadLoss(torch.autograd.Function):
     """Scalar objective of an LM head + distillation loss, with its gradient computed in forward.
 
-    apply(hidden, weight, bias, topk_ids, topk_logits, lse, labels, objective, head, chunk_bytes)
-    -> (loss, kd mean, ce mean); topk_ids/topk_logits/lse are None for cross-entropy only. Only
+    apply(hidden, weight, bias, topk_ids, topk_logits, lse, counts, labels, objective, head, chunk_bytes)
+    -> (loss, kd mean, ce mean); topk_ids/topk_logits/lse are None for cross-entropy only, counts for a top-k cache. Only
     ``loss`` is differentiable; backward scales the gradients stored in forward by its incoming
     gradient (1.0 in the usual ``loss.backward()``, the loss scale under a GradScaler)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, topk_ids, topk_logits, lse, labels, objective, head, chunk_bytes):
-        targets = (topk_ids, topk_logits, lse) if topk_ids is not None else None
+    def forward(ctx, hidden, weight, bias, topk_ids, topk_logits, lse, counts, labels, objective, head, chunk_bytes):
+        targets = (topk_ids, topk_logits, lse, counts) if topk_ids is not None else None
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         loss, kd, ce, grads = _evaluate(hidden, weight, bias, targets, labels, objective, head, chunk_bytes, needs)
         if loss is ce:  # alpha == 0 returns ce itself, which must stay non-differentiable
@@ -259,7 +302,7 @@ class FusedHeadLoss(torch.autograd.Function):
             return g if bool(grad_loss == 1.0) else g * grad_loss.to(g.dtype)
 
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        return scaled(grad_h), scaled(grad_w), scaled(grad_b), None, None, None, None, None, None, None
+        return scaled(grad_h), scaled(grad_w), scaled(grad_b), None, None, None, None, None, None, None, None
 
 
 def _run(hidden, weight, bias, targets, labels, objective: _Objective, head: _Head, chunk_bytes: int):
@@ -268,8 +311,8 @@ def _run(hidden, weight, bias, targets, labels, objective: _Objective, head: _He
     ignores the caller's no_grad, so the Function cannot tell by itself that no gradient is wanted."""
     params = (hidden, weight) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        ids, values, lse = targets if targets is not None else (None, None, None)
-        return FusedHeadLoss.apply(hidden, weight, bias, ids, values, lse, labels, objective, head, chunk_bytes)
+        ids, values, lse, counts = targets if targets is not None else (None, None, None, None)
+        return FusedHeadLoss.apply(hidden, weight, bias, ids, values, lse, counts, labels, objective, head, chunk_bytes)
     loss, kd, ce, _ = _evaluate(hidden, weight, bias, targets, labels, objective, head, chunk_bytes, (False,) * 3)
     return loss, kd, ce
 
@@ -309,6 +352,7 @@ def fused_distillation_loss(
     softcap: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     lse_temperature: float | None = None,
+    counts: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """`distillation_loss` of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))``, fused.
 
@@ -329,14 +373,15 @@ def fused_distillation_loss(
                       f"do not match {n} student positions")
     if hard_labels is not None and hard_labels.shape != (n,):
         raise KDError(f"hard_labels has shape {tuple(hard_labels.shape)}, expected ({n},)")
-    hidden, topk_ids, topk_logits, lse, hard_labels, num_positions = objective_rows(
-        hidden, topk_ids, topk_logits, lse, hard_labels, alpha=alpha, mask=mask, num_positions=num_positions)
+    hidden, topk_ids, topk_logits, lse, hard_labels, num_positions, counts = objective_rows(
+        hidden, topk_ids, topk_logits, lse, hard_labels, alpha=alpha, mask=mask, num_positions=num_positions, counts=counts)
     device = hidden.device
     labels = hard_labels.to(device=device, dtype=torch.long) if hard_labels is not None else None
     t = cache_temperature if temperature is None else temperature
     objective = _Objective(alpha, loss, cache_temperature, t, num_positions, _label_count(labels, num_labelled),
                            lse_temperature)
-    targets = (topk_ids.to(device=device, dtype=torch.long), topk_logits.to(device), lse.to(device))
+    targets = (topk_ids.to(device=device, dtype=torch.long), topk_logits.to(device), lse.to(device),
+               counts.to(device) if counts is not None else None)
     total, kd, ce = _run(hidden, weight, bias, targets, labels, objective, _Head(logit_scale, softcap), chunk_bytes)
     return {"loss": total, "kd": kd, "ce": ce}
 

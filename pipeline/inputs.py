@@ -30,12 +30,13 @@ class Inputs:
     dataset: object
     cols: Columns
     id_column: str | None
-    top_k: int
+    top_k: int | None               # None for a sampled cache
     outputs: int
     fingerprints: dict
     key: str
     max_length: int                 # --max-length, capped at what the teacher takes (models.position_limit)
     vocab_limit: int | None = None  # a padded vocabulary: outputs past the tokenizer are left out (pipeline.fit)
+    sampling: dict | None = None    # --target-mode sampled: {"mode", "samples", "seed"}; None for top-k
 
 
 def resolve_inputs(cfg: TeacherConfig) -> Inputs:
@@ -55,7 +56,10 @@ def resolve_inputs(cfg: TeacherConfig) -> Inputs:
     vocab_limit = len(tokenizer) if not task.classification and outputs > len(tokenizer) else None
     outputs = vocab_limit or outputs
     top_k = min(cfg.top_k, outputs) if task.classification else cfg.top_k  # exact over C classes
-    if top_k > outputs:
+    sampling = _sampling(cfg, task, grid)
+    if sampling is not None:
+        top_k = None  # a sampled cache stores no top-k: --top-k means nothing to it, in the key or the manifest
+    elif top_k > outputs:
         raise KDError(f"--top-k {top_k} is larger than the teacher's vocabulary ({outputs}); use --top-k {outputs} or less")
     fps = {
         "teacher": model_fingerprint(model_dir),
@@ -67,7 +71,26 @@ def resolve_inputs(cfg: TeacherConfig) -> Inputs:
     key = cache_key(teacher=fps["teacher"], tokenizer=fps["tokenizer"], dataset=fps["dataset"],
                     task_type=cfg.task_type, max_length=max_length, top_k=top_k,
                     temperature=grid[0], value_dtype=cfg.value_dtype, mask=mask,
-                    format_version=fmt.FORMAT_VERSION, vocab_limit=vocab_limit, temperatures=grid)
-    return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key, max_length, vocab_limit)
+                    format_version=fmt.FORMAT_VERSION, vocab_limit=vocab_limit, temperatures=grid, sampling=sampling)
+    return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key, max_length, vocab_limit,
+                  sampling)
+
+
+def _sampling(cfg: TeacherConfig, task, grid: list[float]) -> dict | None:
+    """`--target-mode sampled`'s settings, checked; None for top-k caches. Refused where a sample
+    would be worse than what top-k already gives (classification stores every class, exactly) or
+    where its estimator would not be unbiased (a grid: draws at T0 are not draws at T1)."""
+    if cfg.target_mode == "topk":
+        return None
+    if task.classification:
+        raise KDError(f"--target-mode sampled is for vocabularies; a {cfg.task_type} cache already stores every class "
+                      f"exactly with --top-k: drop --target-mode")
+    if len(grid) > 1:
+        raise KDError("--target-mode sampled draws at one temperature; drop --temperatures or use --target-mode topk")
+    if not 1 <= cfg.samples <= fmt.MAX_SAMPLES:
+        raise KDError(f"--samples must be between 1 and {fmt.MAX_SAMPLES}, got {cfg.samples}")
+    if not 0 <= cfg.sample_seed < 2**63:
+        raise KDError(f"--sample-seed must be a whole number in [0, 2^63), got {cfg.sample_seed}")
+    return {"mode": "sampled", "samples": int(cfg.samples), "seed": int(cfg.sample_seed)}
 
 

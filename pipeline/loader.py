@@ -44,7 +44,7 @@ from pipeline import format as fmt
 from pipeline import tasks
 from pipeline.errors import KDError
 
-TARGET_COLUMNS = ("topk_ids", "topk_logits", "lse")
+TARGET_COLUMNS = ("topk_ids", "topk_logits", "lse")  # what a batch holds; a sampled cache adds "sample_counts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +67,15 @@ class ParquetSource:
     Several caches streamed as one set are one source: `cache_key` is then one key per path."""
 
     def __init__(self, paths: Sequence[str | Path], task_type: str, value_dtype: str, text_pair: bool,
-                 cache_key: str | Sequence[str] | None = None, lse_grid: bool = False):
+                 cache_key: str | Sequence[str] | None = None, lse_grid: bool = False, target_mode: str = "topk"):
         self.paths = [str(p) for p in paths]
+        self.target_mode = target_mode
         self.lse_grid = lse_grid  # the collate reads a grid cache's lse_grid column: every shard must have it
         self.task_type, self.value_dtype, self.text_pair = task_type, value_dtype, text_pair
         self.keys = [cache_key] * len(self.paths) if cache_key is None or isinstance(cache_key, str) else list(cache_key)
         self.groups: list[tuple[int, int, int]] = []  # (file, group, rows)
         for i, p in enumerate(self.paths):
-            pf = fmt.check_shard(p, task_type, value_dtype, text_pair, self.keys[i], lse_grid)
+            pf = fmt.check_shard(p, task_type, value_dtype, text_pair, self.keys[i], lse_grid, target_mode)
             md = pf.metadata
             self.groups += [(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
         self._open: dict[int, pq.ParquetFile] = {}
@@ -87,7 +88,8 @@ class ParquetSource:
         pf = self._open.get(unit.file)
         if pf is None:
             pf = self._open[unit.file] = fmt.check_shard(self.paths[unit.file], self.task_type, self.value_dtype,
-                                                         self.text_pair, self.keys[unit.file], self.lse_grid)
+                                                         self.text_pair, self.keys[unit.file], self.lse_grid,
+                                                         self.target_mode)
         return _subset(pf.read_row_group(unit.group, columns=list(columns)), unit)
 
     def __getstate__(self):  # open file handles do not cross process boundaries
@@ -197,12 +199,16 @@ class Collate:
     stored text is re-tokenised and the one target position is the sequence output.
     With `lse_index` j > 0 (training at the j-th temperature of a grid cache, see
     pipeline.losses.choose_lse), batch["lse"] is that column of `lse_grid` instead of `lse`.
+    With `samples` M (a sampled cache), each position's distinct drawn ids and their z/T come as
+    [N, M] topk_ids / topk_logits, padded with count 0 where fewer than M ids were drawn, and
+    batch["sample_counts"] [N, M] says how often each was drawn (pipeline.losses: weights c / M).
+    Fixed-width rows keep blocks, shuffling and batches as they are for top-k caches.
     """
 
     def __init__(self, task_type: str, pad_id: int, targets: bool, tokenizer=None, max_length: int = 512,
-                 lse_index: int = 0):
+                 lse_index: int = 0, samples: int | None = None):
         self.task_type, self.pad_id, self.targets = task_type, int(pad_id), targets
-        self.lse_index = lse_index
+        self.lse_index, self.samples = lse_index, samples
         self.hard_labels = tasks.get(task_type).hard_labels
         self.tokenizer, self.max_length = tokenizer, max_length
 
@@ -210,13 +216,20 @@ class Collate:
         cols = ["row", "labels", "positions"]
         cols += (["text", "text_pair"] if text_pair else ["text"]) if self.tokenizer is not None else ["input_ids"]
         lse = ["lse_grid"] if self.lse_index else ["lse"]
-        return cols + (["topk_ids", "topk_logits", *lse] if self.targets else [])
+        targets = list(fmt.TARGET_COLUMNS["sampled" if self.samples else "topk"])
+        return cols + (targets + lse if self.targets else [])
 
     def decode(self, t: pa.Table) -> Block:
         rows = {"row": t.column("row").to_numpy()}
         pos_len, positions = _ragged(t.column("positions"))
         pos = {"positions": positions}
-        if self.targets:
+        if self.targets and self.samples:
+            pos.update(self._sampled(t, rows["row"]))
+            pos["lse"] = _ragged(t.column("lse"))[1]
+            if not len(pos["lse"]) == len(positions) == len(pos["topk_ids"]):
+                raise KDError(f"rows {rows['row'][:3].tolist()}…: {len(pos['lse'])} targets for {len(positions)} positions; the cache is "
+                              f"damaged, rebuild it")
+        elif self.targets:
             k_len, flat = _ragged(_ragged_inner(t.column("topk_ids")))
             k = int(k_len[0]) if len(k_len) else 1
             if (k_len != k).any():
@@ -242,6 +255,21 @@ class Collate:
                 tok["labels"] = self._token_labels(labels, tok_len)
             groups["tok"] = (tok_len, tok)
         return Block(rows, groups)
+
+    def _sampled(self, t: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """A sampled cache's ragged per-position lists, padded to [positions, M] (see the class doc)."""
+        m = self.samples
+        width, ids = _ragged(_ragged_inner(t.column("sample_ids")))
+        counts = _ragged(_ragged_inner(t.column("sample_counts")))[1]
+        values = _ragged(_ragged_inner(t.column("sample_logits")))[1]
+        if (width < 1).any() or (width > m).any() or not len(ids) == len(counts) == len(values):
+            raise KDError(f"rows {rows[:3].tolist()}…: sample lists do not hold 1..{m} ids per position; the cache is damaged, "
+                          f"rebuild it")
+        at = np.repeat(np.arange(len(width)), width), np.arange(len(ids)) - np.repeat(np.cumsum(width) - width, width)
+        out = {"topk_ids": np.zeros((len(width), m), np.int32), "topk_logits": np.zeros((len(width), m), values.dtype),
+               "sample_counts": np.zeros((len(width), m), np.uint16)}
+        out["topk_ids"][at], out["topk_logits"][at], out["sample_counts"][at] = ids, values, counts
+        return out
 
     def _grid_lse(self, t: pa.Table) -> np.ndarray:
         """Column `lse_index` of lse_grid, one value per position (the grid's lse at the training T)."""
@@ -306,7 +334,9 @@ class Collate:
             "hard": torch.from_numpy(hard), "tokens": int(lengths.sum()),
         }
         if self.targets:
-            out.update({k: torch.from_numpy(np.ascontiguousarray(pos[k])) for k in TARGET_COLUMNS})
+            keys = TARGET_COLUMNS + (("sample_counts",) if self.samples else ())
+            out.update({k: torch.from_numpy(np.ascontiguousarray(pos[k]).astype(np.int32) if k == "sample_counts"
+                                            else np.ascontiguousarray(pos[k])) for k in keys})
         return out
 
 

@@ -30,7 +30,8 @@ from torch import Tensor
 from pipeline.config import LOSSES
 from pipeline.errors import KDError
 
-__all__ = ["LOSSES", "LseChoice", "cache_grid", "choose_lse", "distillation_loss", "kd_loss_sum", "teacher_log_probs"]
+__all__ = ["LOSSES", "LseChoice", "cache_grid", "check_sampled", "choose_lse", "distillation_loss", "kd_loss_sum",
+           "sampled_kd_sum", "teacher_log_probs"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -167,6 +168,7 @@ def kd_loss_sum(
     cache_temperature: float = 1.0,
     temperature: float | None = None,
     lse_temperature: float | None = None,
+    counts: Tensor | None = None,
 ) -> Tensor:
     """Sum over the N positions of divergence(teacher, student) at temperature T.
 
@@ -189,7 +191,13 @@ def kd_loss_sum(
     If T differs from ``lse_temperature`` (the T of ``lse``: the cache's, or a grid temperature,
     see `choose_lse`) the teacher tail is unknown, so every loss falls back to the k renormalised
     ids on both sides.
+
+    With ``counts`` (a sampled cache: topk_ids/topk_logits are the drawn ids, counts how often each
+    was drawn) it is `sampled_kd_sum`, the unbiased estimate, and only ``kl`` at the cache's T exists.
     """
+    if counts is not None:
+        return sampled_kd_sum(student_logits, topk_ids, topk_logits, lse, counts, loss=loss,
+                              cache_temperature=cache_temperature, temperature=temperature)
     if loss not in LOSSES:
         raise KDError(f"unknown distillation loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if student_logits.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape != topk_logits.shape:
@@ -232,11 +240,46 @@ def kd_loss_sum(
     return _divergence(loss, log_p, log_q).sum()
 
 
+def check_sampled(loss: str, cache_temperature: float, temperature: float) -> None:
+    """Refuse what has no unbiased estimator from sampled targets (pipeline.softtargets, "Sampled
+    targets"), instead of silently approximating it."""
+    if loss != "kl":
+        raise KDError(f"--loss {loss} has no unbiased estimate from sampled targets (only kl is an expectation under the "
+                      f"teacher's distribution); use --loss kl, or a --target-mode topk cache for {loss}")
+    if not _same_temperature(cache_temperature, temperature):
+        raise KDError(f"sampled targets were drawn at T={cache_temperature:g}, so they are no sample at T={temperature:g}; "
+                      f"train at --temperature {cache_temperature:g} or draw a cache at {temperature:g}")
+
+
+def sampled_kd_sum(student_logits: Tensor, ids: Tensor, values: Tensor, lse: Tensor, counts: Tensor, *,
+                   loss: str = "kl", cache_temperature: float = 1.0, temperature: float | None = None) -> Tensor:
+    """Sum over positions of the unbiased KL estimate sum_i (c_i / M) (log p_T(i) - log q(i)) from a
+    sampled cache: ids/values [N, W] the distinct drawn ids and their z/T, counts [N, W] how often
+    each was drawn (0 = padding), lse [N]. q is the student's full-vocabulary softmax at T, which must
+    be the cache's T. Its gradient is q - c / M, whose expectation is the dense q - p_T."""
+    t = cache_temperature if temperature is None else temperature
+    check_sampled(loss, cache_temperature, t)
+    if ids.shape != values.shape or ids.shape != counts.shape or ids.shape[0] != student_logits.shape[0]:
+        raise KDError(f"sampled targets {tuple(ids.shape)}/{tuple(values.shape)}/{tuple(counts.shape)} do not match "
+                      f"{student_logits.shape[0]} student positions")
+    dtype = _compute_dtype(student_logits)
+    floor, device = _floor(dtype), student_logits.device
+    w = counts.to(device=device, dtype=dtype)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+    s = student_logits.to(dtype)
+    if t != 1.0:
+        s = s / t
+    log_q = (s.gather(1, ids.to(device=device, dtype=torch.long)) - torch.logsumexp(s, dim=-1, keepdim=True)).clamp(min=floor)
+    log_p = (values.to(device=device, dtype=dtype) - lse.to(device=device, dtype=dtype).unsqueeze(-1)).clamp(min=floor)
+    return torch.where(w > 0, w * (log_p - log_q), 0.0).sum()
+
+
 def objective_rows(student: Tensor, topk_ids: Tensor, topk_logits: Tensor, lse: Tensor, hard_labels: Tensor | None, *,
-                   alpha: float, mask: Tensor | None, num_positions: int | None):
+                   alpha: float, mask: Tensor | None, num_positions: int | None, counts: Tensor | None = None):
     """The checks and the row selection that both forms of the objective share (`distillation_loss`
     on logits, `fused_loss.fused_distillation_loss` on hidden states): `student` is whichever of the
-    two has one row per position. Returns the selected rows and the step-wide position count."""
+    two has one row per position. Returns the selected rows (counts last: None for a top-k cache)
+    and the step-wide position count."""
     if not 0.0 <= alpha <= 1.0:
         raise KDError(f"alpha must be in [0, 1], got {alpha}")
     if hard_labels is None and alpha < 1.0:
@@ -244,6 +287,8 @@ def objective_rows(student: Tensor, topk_ids: Tensor, topk_logits: Tensor, lse: 
     if mask is not None:
         rows = mask.to(device=student.device, dtype=torch.bool).nonzero().squeeze(-1)
         student, topk_ids, topk_logits, lse = (x.index_select(0, rows.to(x.device)) for x in (student, topk_ids, topk_logits, lse))
+        if counts is not None:
+            counts = counts.index_select(0, rows.to(counts.device))
         if hard_labels is not None:
             hard_labels = hard_labels.index_select(0, rows.to(hard_labels.device))
     n = student.shape[0]
@@ -251,7 +296,7 @@ def objective_rows(student: Tensor, topk_ids: Tensor, topk_logits: Tensor, lse: 
         num_positions = n
     if num_positions < n:
         raise KDError(f"num_positions={num_positions} is smaller than the {n} positions in this call")
-    return student, topk_ids, topk_logits, lse, hard_labels, num_positions
+    return student, topk_ids, topk_logits, lse, hard_labels, num_positions, counts
 
 
 def distillation_loss(
@@ -269,6 +314,7 @@ def distillation_loss(
     num_labelled: int | None = None,
     mask: Tensor | None = None,
     lse_temperature: float | None = None,
+    counts: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The training objective ``alpha * T^2 * KD + (1 - alpha) * CE``.
 
@@ -283,6 +329,7 @@ def distillation_loss(
     per-micro-batch means would not (micro-batches hold different numbers of positions).
 
     ``lse_temperature``: the T that ``lse`` was taken at (`kd_loss_sum`; default the cache's).
+    ``counts``: a sampled cache's draw counts (`kd_loss_sum`); KD is then the unbiased estimate.
 
     ``mask`` [N] bool optionally selects the rows that take part (e.g. to drop padding); rows
     outside it contribute nothing, not even NaN, and get zero gradient. ``hard_labels`` may be
@@ -291,15 +338,16 @@ def distillation_loss(
 
     Returns {"loss": objective, "kd": mean divergence (unscaled, detached), "ce": CE (detached)}.
     """
-    student_logits, topk_ids, topk_logits, lse, hard_labels, num_positions = objective_rows(
-        student_logits, topk_ids, topk_logits, lse, hard_labels, alpha=alpha, mask=mask, num_positions=num_positions)
+    student_logits, topk_ids, topk_logits, lse, hard_labels, num_positions, counts = objective_rows(
+        student_logits, topk_ids, topk_logits, lse, hard_labels, alpha=alpha, mask=mask, num_positions=num_positions,
+        counts=counts)
     t = cache_temperature if temperature is None else temperature
     dtype = _compute_dtype(student_logits)
 
     def kd_mean() -> Tensor:
         kd_sum = kd_loss_sum(
             student_logits, topk_ids, topk_logits, lse,
-            loss=loss, cache_temperature=cache_temperature, temperature=t, lse_temperature=lse_temperature,
+            loss=loss, cache_temperature=cache_temperature, temperature=t, lse_temperature=lse_temperature, counts=counts,
         )
         return kd_sum / max(num_positions, 1)
 

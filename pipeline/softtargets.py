@@ -36,6 +36,21 @@ lse_grid[p][0] == lse[p]), and at T' = T_j
 computed in the same slab pass as lse (one more exp pass over the slab per extra T, no forward).
 Off the grid the renormalised approximation above still applies. `pipeline.losses.choose_lse`
 says which lse a reader takes for a T'.
+
+Sampled targets (`kd teacher --target-mode sampled --samples M`; Sparse Logit Sampling, arXiv
+2503.16870) replace the top-k by M ids drawn with replacement from p_T itself. A position stores the
+distinct drawn ids i, their counts c_i (sum M) and v_i = z_i / T, with lse as above, so
+
+    log p_T(i) = v_i - lse                                   still exact, for every stored id
+    CE(p_T, q) = E_{i ~ p_T}[-log q_i]  ~  sum_i (c_i / M) (-log q_i)
+    KL(p_T || q) ~ sum_i (c_i / M) (log p_T(i) - log q_i)    unbiased, value and gradient:
+    d/ds of the estimate = q - c / M,  E[c / M] = p_T        (s: the student's logits / T)
+
+over the full vocabulary, with no tail bucket and no renormalisation: the bias of top-k is gone, at
+the price of variance that falls as 1/M. Only losses that are expectations under p_T have such a form
+(`kl`; not the reverse KL or the JSD, which weigh ids by the student's own probabilities). The draws
+are inverse-CDF lookups of counter-based uniforms keyed by (cache key, row, position, draw), so a
+rerun, any batching and any job-array split draw the same ids; `uniforms` is that generator.
 """
 
 from __future__ import annotations
@@ -59,26 +74,37 @@ class Extractor:
     With a `grid` of several temperatures (its first entry == `temperature`), the logsumexp comes
     back as [n, G], column j at grid[j] (column 0 is the plain lse)."""
 
-    def __init__(self, model, task_type: str, top_k: int, temperature: float,
+    def __init__(self, model, task_type: str, top_k: int | None, temperature: float,
                  slab_bytes: int = 256 << 20, vocab_limit: int | None = None, profile: bool = False,
-                 grid: list[float] | None = None):
+                 grid: list[float] | None = None, samples: int | None = None, seed: int = 0):
         self.model, self.task_type, self.temperature = model, task_type, float(temperature)
         if grid is not None and len(grid) > 1 and float(grid[0]) != self.temperature:
             raise KDError(f"the grid {grid} must start at the stored temperature {temperature}")
         # z/T_j = (z/T0) * T0/T_j: the extra logsumexps reuse the slab already divided by T0
         self.ratios = [self.temperature / float(t) for t in grid[1:]] if grid is not None else []
         self.top_k, self.vocab_limit = top_k, vocab_limit  # vocab_limit: padding ids are left out (pipeline.fit)
+        # sampled mode: M draws per position instead of the top-k, keyed by `seed` (from the cache key)
+        self.samples, self.seed = samples, seed
+        if samples is not None and self.ratios:
+            raise KDError("sampled targets are drawn at one temperature; drop the grid")
         self.slab_bytes = slab_bytes
         self.split = split_head(model, task_type)
         # profile: synchronised timers around the body and around head + top-k + logsumexp. They
         # serialise a GPU, so they are for benchmarks (bench_teacher), never on by default.
         self.profile = {"body_seconds": 0.0, "reduce_seconds": 0.0} if profile else None
         self._checked = self.split is None
+        self._keys = None
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: list[list[int]]):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: list[list[int]],
+                 rows: list[int] | None = None):
         b_idx = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long)
         p_idx = torch.tensor([p for ps in positions for p in ps], dtype=torch.long)
+        self._keys = None
+        if self.samples is not None:  # (row, position) of every target: what the draws are keyed by
+            if rows is None:
+                raise KDError("sampled targets need the rows of the batch")
+            self._keys = (np.asarray(rows, np.int64)[b_idx.numpy()], p_idx.numpy())
         if not self._checked:
             self._check_split(input_ids[:1], attention_mask[:1])
         t0 = self._tick(input_ids.device)
@@ -117,16 +143,24 @@ class Extractor:
             if vocab is None:  # size the slab once the vocabulary is known
                 probe = slab_fn(feats[:1]) if slab_fn is not None else feats[:1]
                 vocab = min(probe.shape[-1], self.vocab_limit or probe.shape[-1])
-                if self.top_k > vocab:
+                if self.samples is None and self.top_k > vocab:
                     raise KDError(f"--top-k {self.top_k} is larger than the teacher's {vocab} outputs; use --top-k {vocab} or less")
-                # a grid's extra logsumexps hold one more slab-sized temporary: half the rows keep the bound
-                step = max(1, self.slab_bytes // (4 * vocab * (2 if self.ratios else 1)))
+                # a grid's extra logsumexps hold one more slab-sized temporary, sampling a float64 CDF:
+                # fewer rows keep the bound
+                step = max(1, self.slab_bytes // (4 * vocab * (2 if self.ratios else 3 if self.samples else 1)))
             chunk = feats[start:start + step]
             # z is a private temporary (the head's output or a gathered copy), so it is reduced in
             # place: one pass less than logsumexp's own max, no copy for /T at T = 1.
             z = (slab_fn(chunk) if slab_fn is not None else chunk)[:, :vocab].float()
             if self.temperature != 1.0:
                 z.div_(self.temperature)
+            if self.samples is not None:
+                ids, vals, lse = self._sample(z, start)
+                ids_out.append(ids)
+                val_out.append(vals)
+                lse_out.append(lse)
+                start += step
+                continue
             vals, ids = torch.topk(z, self.top_k, dim=-1, sorted=True)
             top = vals[:, :1]
             # NaN or +inf anywhere in a row makes its lse non-finite; the caller checks that on the
@@ -139,11 +173,26 @@ class Extractor:
             val_out.append(vals)
             start += step
         if n == 0:
-            k = self.top_k
+            k = self.top_k if self.samples is None else self.samples
             dev = feats.device
             return (torch.empty(0, k, dtype=torch.int32, device=dev), torch.empty(0, k, device=dev),
                     torch.empty(0, 1 + len(self.ratios), device=dev) if self.ratios else torch.empty(0, device=dev))
         return torch.cat(ids_out), torch.cat(val_out), torch.cat(lse_out)
+
+    def _sample(self, z: torch.Tensor, start: int):
+        """(draws [n, M] int32, z/T at them, lse [n]) for a slab z = z/T (reduced in place): the
+        inverse CDF of p_T at keyed uniforms, the CDF summed in float64 so that no id's share of it
+        is lost to rounding (pipeline.softtargets, "Sampled targets")."""
+        top = z.max(dim=-1, keepdim=True).values
+        z.sub_(top).exp_()  # p_T times exp(top - lse), <= 1
+        lse = top.squeeze(-1) + z.sum(-1).log()
+        cdf = torch.cumsum(z, dim=-1, dtype=torch.float64)
+        rows, pos = self._keys
+        u = uniforms(self.seed, rows[start:start + z.shape[0]], pos[start:start + z.shape[0]], self.samples)
+        draws = torch.searchsorted(cdf, torch.from_numpy(u).to(cdf.device) * cdf[:, -1:], right=True)
+        del cdf
+        draws.clamp_(max=z.shape[1] - 1)
+        return draws.to(torch.int32), z.gather(1, draws).log_().add_(top), lse
 
     def _check_split(self, input_ids, attention_mask):
         """Compare the body+head path with the model's own forward on one row, once: on its first
@@ -172,7 +221,7 @@ def launch(extractor: Extractor, examples, tokenizer, batch_tokens: int, device)
     for batch in token_budget_batches([len(e.input_ids) for e in examples], batch_tokens):
         ids, att = pad_batch([examples[i].input_ids for i in batch], pad)
         res = extractor(ids.to(device, non_blocking=True), att.to(device, non_blocking=True),
-                        [examples[i].positions for i in batch])
+                        [examples[i].positions for i in batch], [examples[i].row for i in batch])
         launched.append((batch, *(t.to("cpu", non_blocking=True) for t in res)))
     event = None
     if device.type == "cuda":
@@ -206,6 +255,45 @@ def check_finite(lse: np.ndarray, values: np.ndarray, where) -> None:
     if bad.any():
         row, pos = where(int(np.flatnonzero(bad)[0]))
         raise KDError(f"teacher produced NaN/inf logits at row {row} position {pos}; check the weights or run with --dtype float32")
+
+
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 whose outputs pass BigCrush as a counter-based stream."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_seed(cache_key: str) -> int:
+    """The draws' seed: the cache key (which holds --sample-seed, M and everything else the draws depend on)."""
+    return int(cache_key[:16], 16)
+
+
+def uniforms(seed: int, rows: np.ndarray, positions: np.ndarray, m: int) -> np.ndarray:
+    """[n, m] float64 uniforms in [0, 1), a pure function of (seed, row, position, draw index):
+    counter-based, so no state carries from one batch, shard or array task to the next."""
+    with np.errstate(over="ignore"):
+        base = _mix(_mix(_mix(np.full(len(rows), seed, np.uint64)) ^ rows.astype(np.uint64)) ^ positions.astype(np.uint64))
+        x = _mix(base[:, None] ^ np.arange(m, dtype=np.uint64)[None, :])
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def distinct_draws(draws: np.ndarray, values: np.ndarray):
+    """(distinct per position [n], ids, counts, values) of [n, M] draws: each position's distinct ids in
+    ascending order with how often each was drawn, flat; what a sampled cache stores."""
+    n, m = draws.shape
+    order = np.argsort(draws, axis=1, kind="stable")
+    ids, vals = np.take_along_axis(draws, order, 1), np.take_along_axis(values, order, 1)
+    new = np.ones((n, m), dtype=bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    ids, vals, new = ids.ravel(), vals.ravel(), new.ravel()
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, n * m))
+    return new.reshape(n, m).sum(1), ids[new], counts.astype(np.uint16), vals[new]
 
 
 def to_value_dtype(values: np.ndarray, value_dtype: str) -> np.ndarray:

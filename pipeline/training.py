@@ -126,14 +126,14 @@ def micro_loss(out, batch: dict, obj: Objective, positions: int, labelled: int) 
         return fused_distillation_loss(*head, batch["topk_ids"], batch["topk_logits"], batch["lse"], batch["hard"],
                                        alpha=obj.alpha, loss=obj.loss, cache_temperature=obj.cache_temperature,
                                        temperature=obj.temperature, num_positions=positions, num_labelled=labelled,
-                                       lse_temperature=obj.lse_temperature, **scale)
+                                       lse_temperature=obj.lse_temperature, counts=batch.get("sample_counts"), **scale)
     if not obj.targets:
         ce = F.cross_entropy(out.float(), batch["hard"], ignore_index=-100, reduction="sum") / max(labelled, 1)
         return {"loss": ce, "kd": None, "ce": ce.detach()}
     return distillation_loss(out, batch["topk_ids"], batch["topk_logits"], batch["lse"], batch["hard"],
                              alpha=obj.alpha, loss=obj.loss, cache_temperature=obj.cache_temperature,
                              temperature=obj.temperature, num_positions=positions, num_labelled=labelled,
-                             lse_temperature=obj.lse_temperature)
+                             lse_temperature=obj.lse_temperature, counts=batch.get("sample_counts"))
 
 
 def train_step(model, micro: list[dict | None], obj: Objective, d: Dist, device, autocast, scaler=None) -> dict:
@@ -184,15 +184,25 @@ def evaluate(model, loader, obj: Objective, d: Dist, device, autocast) -> dict:
             b = to_device(mb, device)
             with autocast():
                 logits = as_logits(model(b["input_ids"], b["attention_mask"], b["b_idx"], b["p_idx"]))
+            counts = b.get("sample_counts")
             kd_sum += float(kd_loss_sum(logits, b["topk_ids"], b["topk_logits"], b["lse"], loss=obj.loss,
                                         cache_temperature=obj.cache_temperature, temperature=obj.temperature,
-                                        lse_temperature=obj.lse_temperature))
-            agree += float((logits.argmax(-1) == b["topk_ids"][:, 0].long()).sum())
+                                        lse_temperature=obj.lse_temperature, counts=counts))
+            agree += float((logits.argmax(-1) == teacher_top1(b["topk_ids"], b["topk_logits"], counts)).sum())
             n += logits.shape[0]
     finally:
         model.train(was)
     kd_sum, agree, n = d.sum([kd_sum, agree, n], device)
     return {"kd": kd_sum / max(n, 1), "agreement": agree / max(n, 1), "positions": int(n)}
+
+
+def teacher_top1(ids: torch.Tensor, values: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's most probable stored id per position: rank 0 of a top-k cache; of a sampled
+    cache, the drawn id with the largest z/T (padding excluded), its argmax whenever it was drawn."""
+    if counts is None:
+        return ids[:, 0].long()
+    best = values.float().masked_fill(counts == 0, float("-inf")).argmax(-1, keepdim=True)
+    return ids.gather(1, best).squeeze(-1).long()
 
 
 class MetricsLog:

@@ -30,7 +30,7 @@ from pipeline.inputs import Inputs, resolve_inputs
 from pipeline.models import load_model, pick_device, pick_dtype
 from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
-from pipeline.softtargets import Extractor, collect, launch, to_value_dtype
+from pipeline.softtargets import Extractor, collect, distinct_draws, launch, sample_seed, to_value_dtype
 
 __all__ = ["TeacherConfig", "resolve_inputs", "run"]
 # Where a task's time goes (summed over shards; the manifest sums them over tasks): tokenising,
@@ -116,7 +116,9 @@ def _plan(cfg: TeacherConfig, inp: Inputs) -> dict:
             "stats": {"total_rows": len(inp.dataset), "top_k": inp.top_k, "outputs": inp.outputs,
                       "temperature": cfg.temperature, "task_type": cfg.task_type, "value_dtype": cfg.value_dtype,
                       "id2label": id2label, **({"vocab_limit": inp.vocab_limit} if inp.vocab_limit else {}),
-                      **({"temperatures": cfg.temperatures} if cfg.temperatures else {})}}
+                      **({"temperatures": cfg.temperatures} if cfg.temperatures else {}),
+                      **({"target_mode": "sampled", "samples": inp.sampling["samples"],
+                          "sample_seed": inp.sampling["seed"]} if inp.sampling else {})}}
 
 
 def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_index: int, num_tasks: int,
@@ -129,12 +131,14 @@ def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_ind
     label2id = {str(k): int(v) for k, v in (inp.mconfig.label2id or {}).items()}
     encoder = Encoder(inp.tokenizer, cfg.task_type, inp.cols, cfg.max_length, label2id, inp.mconfig.num_labels,
                       cfg.mask_seed, cfg.mask_prob, inp.id_column)
+    samples = inp.sampling["samples"] if inp.sampling else None
     extractor = Extractor(model, cfg.task_type, inp.top_k, cfg.temperature, vocab_limit=inp.vocab_limit,
-                          profile=cfg.profile, grid=cfg.temperatures)
-    meta = {"cache_key": inp.key, "task_type": cfg.task_type, "top_k": inp.top_k, "temperature": cfg.temperature,
-            "value_dtype": cfg.value_dtype, **({"temperatures": ",".join(map(str, cfg.temperatures))} if cfg.temperatures else {})}
+                          profile=cfg.profile, grid=cfg.temperatures, samples=samples, seed=sample_seed(inp.key))
+    meta = {"cache_key": inp.key, "task_type": cfg.task_type, "temperature": cfg.temperature, "value_dtype": cfg.value_dtype,
+            **({"top_k": inp.top_k} if samples is None else {"target_mode": "sampled", "samples": samples}),
+            **({"temperatures": ",".join(map(str, cfg.temperatures))} if cfg.temperatures else {})}
     schema = fmt.schema(cfg.task_type, cfg.value_dtype, text_pair=inp.cols.text_pair is not None,
-                        lse_grid=bool(cfg.temperatures))
+                        lse_grid=bool(cfg.temperatures), target_mode="sampled" if samples else "topk")
     records, stats = [], {"rows": 0, "positions": 0, "bytes": 0, "truncated_rows": 0, **{t: 0.0 for t in TIMINGS}}
     progress = Progress(stop - start, f"teacher task {task_index}/{num_tasks}", enabled=cfg.progress)
     writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
@@ -186,7 +190,7 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
     results = collect(examples, *launched)
     t1 = time.monotonic()
     counts = [len(e.positions) for e in examples]
-    k = int(meta["top_k"])
+    k = int(meta.get("top_k") or meta["samples"])  # a sampled cache: M draws per position, deduplicated below
     ids = np.concatenate([r[0] for r in results]).reshape(-1, k) if results else np.zeros((0, k), np.int32)
     vals = to_value_dtype(np.concatenate([r[1] for r in results]).reshape(-1, k), value_dtype)
     lse = np.concatenate([r[2] for r in results]).astype(np.float32)
@@ -204,8 +208,9 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
         "labels": pa.array([e.labels for e in examples], schema.field("labels").type),
         "truncated": pa.array([e.truncated for e in examples], pa.bool_()),
         "positions": pa.array([e.positions for e in examples], schema.field("positions").type),
-        "topk_ids": _nested(ids, counts, k, pa.int32()),
-        "topk_logits": _nested(vals, counts, k, vtype),
+        **(_sampled_columns(ids, vals, counts, vtype) if "samples" in meta else {
+            "topk_ids": _nested(ids, counts, k, pa.int32()),
+            "topk_logits": _nested(vals, counts, k, vtype)}),
         "lse": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), pa.array(lse)),
     })
     if grid is not None:
@@ -215,6 +220,19 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
     record["truncated"] = int(sum(e.truncated for e in examples))
     record.update(collect_seconds=t1 - t0, write_seconds=time.monotonic() - t1, span=(launched_at, t1))
     return record
+
+
+def _sampled_columns(draws: np.ndarray, values: np.ndarray, counts: list[int], vtype) -> dict:
+    """sample_ids / sample_counts / sample_logits from [P, M] draws: per position, the distinct ids in
+    ascending order, how often each was drawn and their z/T (pipeline.format)."""
+    width, ids, hits, vals = distinct_draws(draws, values)
+
+    def nested(flat, arrow_type):
+        inner = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(width)]).astype(np.int32)),
+                                         pa.array(flat, type=arrow_type))
+        return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), inner)
+    return {"sample_ids": nested(ids, pa.int32()), "sample_counts": nested(hits, pa.uint16()),
+            "sample_logits": nested(vals, vtype)}
 
 
 def _union(spans: list[tuple[float, float]]) -> float:

@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, io, manifest, report, sweep, tasks
+from pipeline import format as fmt
 from pipeline.config import TrainConfig, recorded, result_settings
 from pipeline.data import Columns, Encoder, encode_table, infer_labels, load_split, pad_id
 from pipeline.errors import KDError
 from pipeline.fingerprint import dataset_fingerprint, tokenizer_fingerprint
 from pipeline.fit import Fit, cache_labels, check_caches_agree, fit
 from pipeline.loader import Collate, ParquetSource, StreamingDataset, TableSource, unskipped, verify_shards
-from pipeline.losses import LOSSES, cache_grid, choose_lse
+from pipeline.losses import LOSSES, cache_grid, check_sampled, choose_lse
 from pipeline.models import capped_length, load_tokenizer, pick_device, pick_dtype
 from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
@@ -202,6 +203,9 @@ def _from_cache(cfg: TrainConfig, d) -> Setup:
     retokenize = how.mode == "retokenize"
     cache_t = float(stats["temperature"])
     temperature = cache_t if cfg.temperature is None else float(cfg.temperature)
+    samples = int(stats["samples"]) if fmt.target_mode(stats) == "sampled" else None
+    if samples:  # only kl at the cache's T has an unbiased estimate from draws
+        check_sampled(cfg.loss, cache_t, temperature)
     grid = cache_grid(stats)
     lse_pick = choose_lse(grid, temperature)  # on the cache's grid: the lse taken at this T, and an exact tail
     if not lse_pick.exact and d.rank == 0:
@@ -211,13 +215,13 @@ def _from_cache(cfg: TrainConfig, d) -> Setup:
     text_pair = bool((cache["config"].get("columns") or {}).get("text_pair"))
     files = [(manifest.path_of(Path(path), f["path"]), m["key"]) for path, m in zip(cfg.targets, caches) for f in m["files"]]
     source = ParquetSource([f for f, _ in files], task_type, stats["value_dtype"], text_pair, [k for _, k in files],
-                           lse_grid=lse_pick.column == "lse_grid")
+                           lse_grid=lse_pick.column == "lse_grid", target_mode=fmt.target_mode(stats))
     max_length = max(int(m["config"].get("max_length", 512)) for m in caches)
     if retokenize:  # the student's own tokenizer: at most the positions the student takes
         max_length = capped_length(max_length, student.model.config, student.tokenizer,
                                    f"student {cfg.student or cfg.student_from_teacher}")
     collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if retokenize else None, max_length,
-                      lse_index=lse_pick.index)
+                      lse_index=lse_pick.index, samples=samples)
     return Setup(task_type, student, student.tokenizer if retokenize else cache_tok, how,
                  Objective(cfg.alpha, cfg.loss, cache_t, temperature, targets=True, lse_temperature=lse_pick.temperature),
                  source, collate, text_pair, cache,
@@ -403,9 +407,15 @@ def _eval_loader(cfg: TrainConfig, d, setup: Setup):
     if (grid[0], pick.index, pick.temperature) != (obj.cache_temperature, setup.collate.lse_index, obj.lse_temperature):
         raise KDError(f"--eval-targets {cfg.eval_targets} holds T={grid}, the training cache T={cache_grid(stats)}, "
                       f"and it is read as the training cache is; build both with the same --temperature / --temperatures")
+    mode = fmt.target_mode(ev["stats"])
+    if (mode, ev["stats"].get("samples")) != (fmt.target_mode(stats), stats.get("samples")):
+        raise KDError(f"--eval-targets {cfg.eval_targets} holds {mode} targets (samples {ev['stats'].get('samples')}), the training "
+                      f"cache {fmt.target_mode(stats)} (samples {stats.get('samples')}); build both with the same --target-mode "
+                      f"and --samples")
     text_pair = bool((ev["config"].get("columns") or {}).get("text_pair"))
     source = ParquetSource([manifest.path_of(Path(cfg.eval_targets), f["path"]) for f in ev["files"]], setup.task_type,
-                           ev["stats"]["value_dtype"], text_pair, ev["key"], lse_grid=pick.column == "lse_grid")
+                           ev["stats"]["value_dtype"], text_pair, ev["key"], lse_grid=pick.column == "lse_grid",
+                           target_mode=mode)
     ds = StreamingDataset(source, setup.collate, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world_size,
                           text_pair=text_pair)
     ds.set_epoch(0)
