@@ -244,7 +244,7 @@ def _forward_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets
     for start in range(0, n, rows):
         part = slice(start, start + rows)
         h = h_all[part]
-        chunk_targets = tuple(x[part] for x in targets) if targets is not None else None
+        chunk_targets = tuple(x[part] if x is not None else None for x in targets) if targets is not None else None
         kd, ce, g = _chunk(h, w, b, chunk_targets, labels[part] if labels is not None else None, obj, head, grad)
         kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
         if g is None:

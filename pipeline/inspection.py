@@ -7,7 +7,8 @@ every file and, optionally, re-runs the teacher on a random sample of stored row
 stored `input_ids`, i.e. exactly what the teacher saw -- and compares every stored id and value
 with the fresh run: each stored id must be among the teacher's top ids with the stored value,
 and no id the teacher ranks clearly above the stored k-th value may be missing, so that ties at
-the k-th boundary are the only freedom.
+the k-th boundary are the only freedom. A sampled cache is redrawn instead: the draws are keyed
+by (cache key, row, position), so a fresh teacher run must draw the very same ids and counts.
 """
 
 from __future__ import annotations
@@ -46,43 +47,61 @@ def summarize(directory: str | Path) -> dict:
 
 
 def _summarize(directory: Path, m: dict) -> dict:
+    """Per position, from the stored log-probs lp = value - lse: the tail mass and a lower bound of the
+    entropy (top-k), or the distinct ids drawn, their mass and the unbiased entropy estimate
+    sum (c / M)(-lp) (sampled)."""
     rows = positions = truncated = 0
-    tail_sum = ent_sum = 0.0
+    tail_sum = ent_sum = distinct_sum = 0.0
+    distinct_max = 0
     stats = m["stats"]
+    sampled = fmt.target_mode(stats) == "sampled"
+    values, extra = ("sample_logits", ["sample_counts"]) if sampled else ("topk_logits", [])
     pair = ((m.get("config") or {}).get("columns") or {}).get("text_pair") is not None
     for path in _shards(directory, m):
-        pf = fmt.check_shard(path, stats["task_type"], stats["value_dtype"], pair, m["key"], lse_grid=bool(stats.get("temperatures")))
-        for batch in pf.iter_batches(columns=["topk_logits", "lse", "truncated"], batch_size=4096):
+        pf = fmt.check_shard(path, stats["task_type"], stats["value_dtype"], pair, m["key"], lse_grid=bool(stats.get("temperatures")),
+                             target_mode=fmt.target_mode(stats))
+        for batch in pf.iter_batches(columns=[values, *extra, "lse", "truncated"], batch_size=4096):
             df = pl.from_arrow(batch)
             rows += df.height
             truncated += int(df["truncated"].sum())
-            per_pos = (df.select("topk_logits", "lse").explode(["topk_logits", "lse"]).drop_nulls()
-                       .with_row_index("p").explode("topk_logits")
-                       .with_columns(lp=pl.col("topk_logits").cast(pl.Float64) - pl.col("lse").cast(pl.Float64))
-                       .group_by("p").agg(mass=pl.col("lp").exp().sum(), plogp=(pl.col("lp").exp() * pl.col("lp")).sum()))
+            lp = pl.col(values).cast(pl.Float64) - pl.col("lse").cast(pl.Float64)
+            w = pl.col("sample_counts").cast(pl.Float64) / pl.col("sample_counts").cast(pl.Float64).sum() if sampled else lp.exp()
+            per_pos = (df.select(values, *extra, "lse").explode([values, *extra, "lse"]).drop_nulls()
+                       .with_row_index("p").explode([values, *extra])
+                       .group_by("p").agg(mass=lp.exp().sum(), plogp=(w * lp).sum(), n=pl.len()))
             if per_pos.height == 0:
                 continue
             tail = np.clip(1.0 - per_pos["mass"].to_numpy(), 0.0, 1.0)
-            tail_term = np.where(tail > 0, -tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0)
+            tail_term = np.where(tail > 0, -tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0) if not sampled else 0.0
             positions += per_pos.height
             tail_sum += float(tail.sum())
             ent_sum += float((-per_pos["plogp"].to_numpy() + tail_term).sum())
+            distinct_sum += float(per_pos["n"].sum())
+            distinct_max = max(distinct_max, int(per_pos["n"].max()))
     total_bytes = sum(f["bytes"] for f in m["files"])
+
+    def per(x: float) -> float | None:
+        return round(x / positions, 6) if positions else None
+
     return {
         "directory": str(directory),
         "key": m["key"],
         "task_type": stats.get("task_type"),
         "rows": rows,
         "positions": positions,
+        "target_mode": fmt.target_mode(stats),
         "top_k": stats.get("top_k"),
+        **({"samples": stats.get("samples"), "sample_seed": stats.get("sample_seed"),
+            "mean_distinct_ids": per(distinct_sum), "max_distinct_ids": distinct_max} if sampled else {}),
         "temperature": stats.get("temperature"),
         "temperatures": stats.get("temperatures") or [stats.get("temperature")],  # the grid: an exact tail at each
         "value_dtype": stats.get("value_dtype"),
         "shards": len(m["files"]),
         "bytes": total_bytes,
         "bytes_per_position": round(total_bytes / positions, 2) if positions else None,
-        "mean_tail_mass": round(tail_sum / positions, 6) if positions else None,
-        "mean_entropy_nats": round(ent_sum / positions, 6) if positions else None,
+        # sampled: the mass outside the distinct ids drawn; the entropy is then an unbiased estimate, not a bound
+        "mean_tail_mass": per(tail_sum),
+        "mean_entropy_nats": per(ent_sum),
         "truncated_rows": truncated,
     }
 
@@ -104,16 +123,22 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
     import torch
 
     from pipeline.models import load_model, pick_device, pick_dtype
-    from pipeline.softtargets import Extractor
+    from pipeline.softtargets import Extractor, sample_seed
 
     stats = m["stats"]
     grid = stats.get("temperatures")  # a grid cache: every stored lse is compared
+    sampled = fmt.target_mode(stats) == "sampled"
+    targets = list(fmt.TARGET_COLUMNS[fmt.target_mode(stats)])
     table = pq.ParquetDataset([str(p) for p in _shards(directory, m)]).read(
-        columns=["row", "input_ids", "positions", "topk_ids", "topk_logits", "lse_grid" if grid else "lse"])
+        columns=["row", "input_ids", "positions", *targets, "lse_grid" if grid else "lse"])
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False).tolist())
     dev = pick_device(device)
     model = load_model(model_path, stats["task_type"], dtype=pick_dtype(dtype, dev), device=dev)
+    if sampled:
+        extractor = Extractor(model, stats["task_type"], None, stats["temperature"], vocab_limit=stats.get("vocab_limit"),
+                              samples=int(stats["samples"]), seed=sample_seed(m["key"]))
+        return _redraw(table, picks, extractor, dev, dtype, model_path)
     k = int(stats["top_k"])
     wide = min(int(stats["outputs"]), max(2 * k, k + 8))  # room for ids tied at the k-th boundary
     extractor = Extractor(model, stats["task_type"], wide, stats["temperature"], vocab_limit=stats.get("vocab_limit"), grid=grid)
@@ -135,6 +160,36 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
             raise KDError(f"row {r['row']}: stored logsumexp differs from a fresh teacher run by {worst[1]:.4g} (> {tol:.3g}); "
                           f"the cache does not match {model_path}")
     return f"recomputed {len(picks)} rows: max |Δ logit| {worst[0]:.3g}, max |Δ lse| {worst[1]:.3g}"
+
+
+def _redraw(table, picks: list[int], extractor, dev, dtype: str, model_path: str) -> str:
+    """A sampled cache's rows drawn again: the draws are keyed by (cache key, row, position), so the
+    distinct ids and counts must be the stored ones exactly, and values and lse within tolerance."""
+    import torch
+
+    from pipeline.softtargets import distinct_draws
+
+    worst = [0.0, 0.0]
+    for i in picks:
+        r = {c: table[c][i].as_py() for c in table.column_names}
+        if not r["positions"]:
+            continue
+        ids = torch.tensor([r["input_ids"]], device=dev)
+        draws, vals, lse_new = (t.cpu().numpy() for t in extractor(ids, torch.ones_like(ids), [r["positions"]], [r["row"]]))
+        _, ids_new, counts_new, vals_new = distinct_draws(draws, vals.astype(np.float64))
+        ids_old = np.concatenate([np.asarray(x, np.int64) for x in r["sample_ids"]])
+        counts_old = np.concatenate([np.asarray(x, np.int64) for x in r["sample_counts"]])
+        vals_old = np.concatenate([np.asarray(x, np.float64) for x in r["sample_logits"]])
+        if ids_new.shape != ids_old.shape or (ids_new != ids_old).any() or (counts_new != counts_old).any():
+            raise KDError(f"row {r['row']}: the stored sample ids or counts differ from a fresh draw with the cache's key; the cache "
+                          f"does not match {model_path} (or was edited)")
+        tol = (2e-2 if dtype != "float32" else 2e-3) * max(1.0, float(np.abs(vals_old).max()))
+        worst[0] = max(worst[0], float(np.abs(vals_new - vals_old).max()))
+        worst[1] = max(worst[1], float(np.abs(np.asarray(r["lse"]) - lse_new).max()))
+        if max(worst) > tol:
+            raise KDError(f"row {r['row']}: stored values differ from a fresh teacher run by {max(worst):.4g} (> {tol:.3g}); the cache "
+                          f"does not match {model_path}")
+    return f"redrew {len(picks)} rows: same ids and counts, max |Δ logit| {worst[0]:.3g}, max |Δ lse| {worst[1]:.3g}"
 
 
 def _compare_ids(where: str, old_ids, old_vals, new_ids, new_vals, k: int, tol: float, worst: list, model_path: str) -> None:

@@ -234,6 +234,8 @@ def load(path: str | Path, workdir: str | None = None) -> Plan:
         values = {"model": teacher_model, "data": file, "split": split,
                   "task_type": task_type, "limit": limits.get(split), **cols, **tgt,
                   "cache_root": cache_root, "out": str(work / "targets" / split)}
+        if split == "test":  # kd eval scores the teacher from a top-k cache, whatever the students train on
+            values["target_mode"] = "topk"
         targets[split] = _build(config.TeacherConfig, values, "targets", path)
 
     students, from_tune = _students(doc.get("students"), path, base, work, teacher_model, "validation" in targets,

@@ -331,6 +331,9 @@ def _open_cache(cache_dir: Path, cfg: EvalConfig) -> dict:
     """The cache's manifest, once it is complete, intact in its listing, and of this data and split."""
     m = manifest.read_cache(cache_dir)
     stats, conf = m["stats"], m["config"]
+    if fmt.target_mode(stats) != "topk":  # the teacher's argmax and tail are what its row is scored from
+        raise KDError(f"--targets {cache_dir} holds sampled targets, and kd eval scores the teacher from a top-k cache; give "
+                      f"--teacher MODEL --data SPLIT instead (the teacher then runs once on the split here)")
     gone = [f["path"] for f in m["files"] if not manifest.path_of(cache_dir, f["path"]).exists()]
     if gone:
         raise KDError(f"cache {cache_dir} is damaged ({gone[0]} is missing); run `kd verify {cache_dir}` and rebuild it")

@@ -7,12 +7,14 @@ shows up as a mismatch.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.errors import KDError
-from pipeline.losses import LOSSES, LseChoice, cache_grid, choose_lse, distillation_loss, kd_loss_sum, teacher_log_probs
+from pipeline.losses import (LOSSES, LseChoice, cache_grid, choose_lse, distillation_loss, kd_loss_sum, sampled_kd_sum,
+                             teacher_log_probs)
 
 
 def make_cache(z, k, cache_t, dtype=torch.float32):
@@ -359,3 +361,65 @@ def test_training_loss_and_evaluation_metric_share_one_formula(k):
     torch_kl = kd_loss_sum(s, ids, vals, lse, loss="kl", cache_temperature=1.0).item() / 9
     numpy_kl = float(np.mean(kl_per_position(s.numpy(), ids.numpy(), vals.numpy(), lse.numpy(), 1.0)))
     assert torch_kl == pytest.approx(numpy_kl, rel=1e-10, abs=1e-12)
+
+
+# --- sampled targets (pipeline.softtargets, "Sampled targets") ------------------------------------
+
+
+def _sampled_problem(n: int, v: int, m: int, seed: int = 0, t: float = 1.0):
+    """n positions sharing one teacher p_T and one student: each with M draws from p_T, stored as a
+    sampled cache stores them (distinct ids, counts, z/T, lse), padded with count 0 to width M."""
+    rng = np.random.default_rng(seed)
+    z_t = torch.tensor(rng.normal(size=v) * 2.0, dtype=torch.float64) / t
+    lse = torch.logsumexp(z_t, 0)
+    p = torch.softmax(z_t, 0).numpy()
+    draws = rng.choice(v, size=(n, m), p=p)
+    ids = np.zeros((n, m), np.int64)
+    counts = np.zeros((n, m), np.int64)
+    for r, d in enumerate(draws):
+        u, c = np.unique(d, return_counts=True)
+        ids[r, :len(u)], counts[r, :len(u)] = u, c
+    ids = torch.from_numpy(ids)
+    student = torch.tensor(rng.normal(size=v), dtype=torch.float64).expand(n, v).clone().requires_grad_()
+    return student, ids, z_t[ids], lse.expand(n), torch.from_numpy(counts), torch.from_numpy(p)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_sampled_estimate_is_unbiased_for_the_dense_kl_and_its_gradient(t):
+    """Mean over 20,000 positions (independent draws of M = 4) of the sampled KL estimate and of its
+    gradient equals the dense KL(p_T || q) and q - p_T, within 5 standard errors."""
+    n, v, m = 20000, 7, 4
+    student, ids, values, lse, counts, p = _sampled_problem(n, v, m, t=t)
+    per_pos = torch.stack([sampled_kd_sum(student[i:i + 1], ids[i:i + 1], values[i:i + 1], lse[i:i + 1], counts[i:i + 1],
+                                          cache_temperature=t) for i in range(200)])
+    total = kd_loss_sum(student, ids, values, lse, loss="kl", cache_temperature=t, counts=counts)
+    (grad,) = torch.autograd.grad(total, student)
+    q = torch.softmax(student[0].detach() / t, 0)
+    dense = float((p * (p.log() - q.log())).sum())
+    se = float(per_pos.detach().std()) / math.sqrt(n)
+    total = float(total.detach())
+    assert abs(total / n - dense) < 5 * se, (total / n, dense, se)
+    mean_grad = grad.sum(0) * t  # d/ds = t * d/dz; the expected gradient is q - p
+    se_grad = float((grad * t).std(0).max()) / math.sqrt(n)
+    torch.testing.assert_close(mean_grad / n, q - p, atol=5 * se_grad, rtol=0)
+
+
+def test_sampled_loss_of_the_teacher_itself_is_zero_and_padding_counts_nothing():
+    n, v, m = 50, 11, 6
+    student, ids, values, lse, counts, p = _sampled_problem(n, v, m, seed=2)
+    teacher_logits = (values.new_zeros(n, v) + torch.log(p)).requires_grad_()
+    assert abs(float(sampled_kd_sum(teacher_logits, ids, values, lse, counts))) < 1e-12
+    # widening with more padding (count 0, id 0 repeated) changes nothing
+    pad = lambda x: torch.cat([x, torch.zeros_like(x)], 1)  # noqa: E731
+    a = sampled_kd_sum(student, ids, values, lse, counts)
+    b = sampled_kd_sum(student, pad(ids), pad(values), lse, pad(counts))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["kl-renorm", "reverse-kl", "jsd"])
+def test_sampled_targets_refuse_losses_without_an_unbiased_form(loss):
+    student, ids, values, lse, counts, _ = _sampled_problem(4, 9, 3)
+    with pytest.raises(KDError, match=f"--loss {loss} has no unbiased estimate from sampled targets"):
+        distillation_loss(student, ids, values, lse, None, alpha=1.0, loss=loss, counts=counts)
+    with pytest.raises(KDError, match="drawn at T=1, so they are no sample at T=2"):
+        kd_loss_sum(student, ids, values, lse, cache_temperature=1.0, temperature=2.0, counts=counts)
