@@ -96,7 +96,9 @@ class TeacherConfig:
                                    "at every one, so students train at any of them with the exact tail.",
                              metavar="T1,T2,...")
     dtype: str = flag("auto", "Teacher compute dtype (auto: bf16 on a GPU, float32 on the CPU).", choices=DTYPES)
-    value_dtype: str = flag("float16", "Stored dtype of topk_logits.", choices=("float16", "float32"))
+    value_dtype: str = flag("code", "How top-k values are stored: code (format 2: a bounded-error code, ~5e-6 nats of KL per "
+                                    "position, the fewest bytes), or float16 / float32 z/T (format 1).",
+                            choices=("code", "float16", "float32"))
     batch_tokens: int = flag(16384, "Token budget per teacher batch (padded).")
     shard_rows: int | None = flag(None, "Rows per shard (default: 50000 for classification, 1M/max-length otherwise).")
     mask_seed: int = flag(0, "masked-lm: seed of the masks.")

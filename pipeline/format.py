@@ -1,4 +1,9 @@
-"""The shard format (format version 1): one Parquet row per example, per-position lists.
+"""The shard format (versions 1 and 2): one Parquet row per example, per-position lists.
+
+Version 2 (`--value-dtype code`, the default for top-k caches) stores the top-k in the denser layout
+of pipeline.layout (topk_rids / topk_code_deltas / topk_shift: a bounded-error code, about 5e-6 nats
+of KL per position, ~0.7x the bytes of float16 z/T); version 1 (`--value-dtype float16|float32`)
+stores topk_ids / topk_logits as plain lists. Both are read, by one door: `read_topk`.
 
 Why these encodings (measured in shared/notes/parquet-layout.md on these machines): zstd level
 1, BYTE_STREAM_SPLIT for ids and float payloads, no dictionary on payloads, non-nullable
@@ -23,19 +28,23 @@ DuckDB reads that split for 4- and 8-byte types only.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import io, tasks
+from pipeline import io, layout, tasks
 from pipeline.errors import KDError
 
-FORMAT_VERSION = 1
-TARGET_COLUMNS = {"topk": ("topk_ids", "topk_logits"), "sampled": ("sample_ids", "sample_counts", "sample_logits")}
+FORMAT_VERSION = 1  # plain z/T lists (float16 / float32), and every sampled cache
+CODE_VERSION = 2    # top-k in pipeline.layout's code
+TARGET_COLUMNS = {"topk": ("topk_ids", "topk_logits"), "sampled": ("sample_ids", "sample_counts", "sample_logits"),
+                  "code": tuple(c for c in layout.COLUMNS if c != "lse")}
 MAX_SAMPLES = 65535  # counts are uint16
-VALUE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+VALUE_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "code": pa.float16()}  # code: sample_logits stay float16
 POSITIONS_PER_ROW_GROUP = 65536
 META_PREFIX = "kd."
 
@@ -49,6 +58,16 @@ def target_mode(stats: dict) -> str:
     return mode
 
 
+def version_of(value_dtype: str, target_mode: str = "topk") -> int:
+    """The format version a cache of this value dtype and mode is written in (and keyed by)."""
+    return CODE_VERSION if value_dtype == "code" and target_mode == "topk" else FORMAT_VERSION
+
+
+def columns_of(value_dtype: str, target_mode: str = "topk") -> tuple[str, ...]:
+    """The target columns of a shard (lse aside) for its value dtype and mode."""
+    return TARGET_COLUMNS["code" if version_of(value_dtype, target_mode) == CODE_VERSION else target_mode]
+
+
 def _list(t: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("item", t, nullable=False))
 
@@ -60,7 +79,7 @@ def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False
     extra column; `target_mode` "sampled": sample columns instead of top-k (see the module doc)."""
     task = tasks.get(task_type)
     if value_dtype not in VALUE_DTYPES:
-        raise KDError(f"unknown value dtype {value_dtype!r}: use float16 or float32")
+        raise KDError(f"unknown value dtype {value_dtype!r}: use code, float16 or float32")
     fields = [
         pa.field("row", pa.int64(), nullable=False),
         pa.field("id", pa.string(), nullable=False),
@@ -80,6 +99,8 @@ def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False
             pa.field("sample_counts", _list(_list(pa.uint16())), nullable=False),
             pa.field("sample_logits", _list(_list(VALUE_DTYPES[value_dtype])), nullable=False),
         ]
+    elif target_mode == "topk" and value_dtype == "code":
+        fields += [pa.field(name, _list(t), nullable=False) for name, (t, _, _) in layout.COLUMNS.items() if name != "lse"]
     elif target_mode == "topk":
         fields += [
             pa.field("topk_ids", _list(_list(pa.int32())), nullable=False),
@@ -94,20 +115,20 @@ def schema(task_type: str, value_dtype: str = "float16", text_pair: bool = False
 
 
 PAYLOAD_COLUMNS = ("input_ids", "positions", "topk_ids", "topk_logits", "lse", "lse_grid", "sample_ids", "sample_counts",
-                   "sample_logits")
+                   "sample_logits", "topk_rids", "topk_code_deltas", "topk_shift")
 
 
-def _split_leaves(schema: pa.Schema) -> list[str]:
-    """The payload leaves written BYTE_STREAM_SPLIT: all but 2-byte floats of the sample columns, which
-    DuckDB could not read so (the top-k columns keep their measured layout)."""
-    out = []
+def _encodings(schema: pa.Schema) -> dict[str, str]:
+    """Per payload leaf: BYTE_STREAM_SPLIT, except PLAIN for 2-byte floats outside version 1's top-k
+    columns (DuckDB reads the split for 4- and 8-byte types only; v1's topk_logits keep their layout)."""
+    out = {}
     for c in PAYLOAD_COLUMNS:
         if c in schema.names:
             t = schema.field(c).type
             while pa.types.is_list(t):
                 t = t.value_type
-            if not (c.startswith("sample_") and t == pa.float16()):
-                out.append(_leaf_path(schema, c))
+            plain = t == pa.float16() and c != "topk_logits"
+            out[_leaf_path(schema, c)] = "PLAIN" if plain else "BYTE_STREAM_SPLIT"
     return out
 
 
@@ -120,27 +141,24 @@ def _leaf_path(schema: pa.Schema, name: str) -> str:
     return path
 
 
-def write_shard(path: str | os.PathLike, table: pa.Table, metadata: dict[str, str]) -> dict:
-    """Write one shard atomically; returns its file record (path name, rows, positions, bytes, sha256)."""
+def write_shard(path: str | os.PathLike, table: pa.Table, metadata: dict[str, str], layout_meta: dict | None = None) -> dict:
+    """Write one shard atomically; returns its file record (path name, rows, positions, bytes, sha256).
+    `layout_meta`: a version 2 shard's code parameters and hot ids (pipeline.layout), written to the
+    Parquet footer only (the Arrow schema's copy would hold the hot list twice)."""
     meta = {f"{META_PREFIX}{k}".encode(): str(v).encode() for k, v in metadata.items()}
-    meta[f"{META_PREFIX}format_version".encode()] = str(FORMAT_VERSION).encode()
+    version = CODE_VERSION if "topk_rids" in table.schema.names else FORMAT_VERSION
+    meta[f"{META_PREFIX}format_version".encode()] = str(version).encode()
     table = table.replace_schema_metadata(meta)
     positions = int(pa.compute.sum(pa.compute.list_value_length(table["positions"])).as_py() or 0)
     per_row = max(1.0, positions / max(1, table.num_rows))
     row_group_rows = max(1, int(POSITIONS_PER_ROW_GROUP / per_row))
     path = Path(path)
     with io.atomic_path(path) as tmp:
-        pq.write_table(
-            table,
-            tmp,
-            row_group_size=row_group_rows,
-            compression="zstd",
-            compression_level=1,
-            use_dictionary=False,
-            use_byte_stream_split=_split_leaves(table.schema),
-            write_statistics=["row"],
-            store_schema=True,
-        )
+        with pq.ParquetWriter(tmp, table.schema, compression="zstd", compression_level=1, use_dictionary=False,
+                              column_encoding=_encodings(table.schema), write_statistics=["row"], store_schema=True) as w:
+            w.write_table(table, row_group_size=row_group_rows)
+            if layout_meta:
+                w.add_key_value_metadata({f"{META_PREFIX}{k}": str(v) for k, v in layout_meta.items()})
     return {
         "path": path.name,
         "rows": table.num_rows,
@@ -158,16 +176,20 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def check_shard(path: str | os.PathLike, task_type: str, value_dtype: str, text_pair: bool,
                 cache_key: str | None = None, lse_grid: bool = False, target_mode: str = "topk") -> pq.ParquetFile:
-    """Open a shard and refuse it, naming the difference, unless it matches format version 1.
-    `lse_grid`: the caller reads that optional column, so it must be there; it is type-checked
-    whenever it is present, and otherwise never required. `target_mode`: the cache's (its manifest's)."""
+    """Open a shard and refuse it, naming the difference, unless it matches the format version of its
+    value dtype and mode (`version_of`). `lse_grid`: the caller reads that optional column, so it must
+    be there; it is type-checked whenever it is present, and otherwise never required. `target_mode`:
+    the cache's (its manifest's)."""
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise KDError(f"{path}: not a readable Parquet file ({exc}); re-run the stage that wrote it") from None
     md = file_metadata(path)
-    if md.get("format_version") != str(FORMAT_VERSION):
-        raise KDError(f"{path}: format version {md.get('format_version')!r}, this kd reads {FORMAT_VERSION}; regenerate the cache")
+    version = version_of(value_dtype, target_mode)
+    if md.get("format_version") != str(version):
+        known = md.get("format_version") in (str(FORMAT_VERSION), str(CODE_VERSION))
+        raise KDError(f"{path}: format version {md.get('format_version')!r}, but its cache ({value_dtype} values) is version {version}; "
+                      + ("the directory mixes caches: rebuild it" if known else "this kd reads versions 1 and 2: regenerate the cache"))
     if cache_key is not None and md.get("cache_key") != cache_key:
         raise KDError(f"{path}: belongs to cache {md.get('cache_key', '?')[:12]}, not {cache_key[:12]}; the directory mixes two caches")
     got = pf.schema_arrow
@@ -178,3 +200,61 @@ def check_shard(path: str | os.PathLike, task_type: str, value_dtype: str, text_
         if not got.field(f.name).type.equals(f.type):
             raise KDError(f"{path}: column {f.name!r} is {got.field(f.name).type}, expected {f.type}")
     return pf
+
+
+def layout_metadata(pf: pq.ParquetFile) -> dict[str, str] | None:
+    """A version 2 shard's layout parameters (its footer's kd.layout* key/values), or None for version 1."""
+    md = layout.read_metadata(pf)
+    return {k: v for k, v in md.items() if k.startswith("layout")} if md.get("format_version") == str(CODE_VERSION) else None
+
+
+_ATTACHED = b"kd.layout_attached"
+
+
+def attach_layout(table: pa.Table, layout_meta: dict | None) -> pa.Table:
+    """The rows of a version 2 shard carry its layout metadata with them (row groups read in one process
+    are decoded in another, by `read_topk`); a version 1 table is returned as it is."""
+    if not layout_meta:
+        return table
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), _ATTACHED: json.dumps(layout_meta).encode()})
+
+
+def read_topk(table: pa.Table, layout_meta: dict | None = None):
+    """(ids [P, k] int32, z/T [P, k] float16/32, lse [P] float32) of a top-k shard's rows, in rank order,
+    whichever version wrote them: the one door through which every reader (training, evaluation,
+    inspection) takes top-k targets. Version 2 needs the shard's `layout_metadata`."""
+    if "topk_rids" in table.column_names:
+        if layout_meta is None and _ATTACHED in (table.schema.metadata or {}):
+            layout_meta = json.loads(table.schema.metadata[_ATTACHED])
+        if layout_meta is None:
+            raise KDError("a version 2 shard was read without its layout metadata")
+        return layout.decode(layout.from_arrow(table), layout_meta)
+    k_len, ids = inner_lists(table.column("topk_ids"))
+    vals, lse = inner_lists(table.column("topk_logits"))[1], inner_lists(table.column("lse"), levels=1)[1]
+    k = int(k_len[0]) if len(k_len) else 1
+    if (k_len != k).any() or len(k_len) != len(lse) or len(vals) != len(ids):
+        raise KDError("top-k lists of different lengths; the cache is damaged, rebuild it")
+    return ids.reshape(-1, k), vals.reshape(-1, k), lse
+
+
+def inner_lists(col, levels: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths of the innermost lists, flat values) of a list column `levels` deep (e.g. per position)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    for _ in range(levels - 1):
+        arr = arr.flatten()
+    return np.diff(arr.offsets.to_numpy()), arr.flatten().to_numpy(zero_copy_only=False)
+
+
+def with_topk_lists(table: pa.Table, layout_meta: dict | None = None) -> pa.Table:
+    """A top-k table with version 1's topk_ids / topk_logits list<list<>> columns, whatever its version
+    (a version 2 table's code columns decoded and replaced): for readers that want rows, not arrays
+    (`kd verify --recompute`, tests). Values come back as float32 z/T."""
+    if "topk_rids" not in table.column_names:
+        return table
+    ids, vals, _ = read_topk(table, layout_meta)
+    rows = pa.array(np.concatenate([[0], np.cumsum(inner_lists(table.column("lse"), levels=1)[0])]).astype(np.int32))
+    table = table.drop_columns([c for c in TARGET_COLUMNS["code"] if c in table.column_names])
+    for name, a in (("topk_ids", ids), ("topk_logits", vals.astype(np.float32))):
+        inner = pa.ListArray.from_arrays(pa.array(np.arange(0, a.size + 1, max(1, a.shape[1]), dtype=np.int32)), pa.array(a.ravel()))
+        table = table.append_column(name, pa.ListArray.from_arrays(rows, inner))
+    return table

@@ -1,6 +1,6 @@
 """`kd inspect` and `kd verify`: what a targets cache holds, and whether it is intact.
 
-Inspection reads one record batch at a time (polars for the arithmetic) so that a cache of any
+Inspection reads one record batch at a time (numpy for the arithmetic) so that a cache of any
 size can be summarised in bounded memory, after checking every shard's size and sha256 against
 the manifest (a flipped bit must not turn into a plausible summary). Verification re-hashes
 every file and, optionally, re-runs the teacher on a random sample of stored rows -- on the
@@ -16,10 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import format as fmt
+from pipeline import layout
 from pipeline import manifest as mf
 from pipeline.errors import KDError
 
@@ -54,30 +55,27 @@ def _summarize(directory: Path, m: dict) -> dict:
     tail_sum = ent_sum = distinct_sum = 0.0
     distinct_max = 0
     stats = m["stats"]
-    sampled = fmt.target_mode(stats) == "sampled"
-    values, extra = ("sample_logits", ["sample_counts"]) if sampled else ("topk_logits", [])
+    mode = fmt.target_mode(stats)
+    targets = list(fmt.columns_of(stats["value_dtype"], mode))
     pair = ((m.get("config") or {}).get("columns") or {}).get("text_pair") is not None
     for path in _shards(directory, m):
         pf = fmt.check_shard(path, stats["task_type"], stats["value_dtype"], pair, m["key"], lse_grid=bool(stats.get("temperatures")),
-                             target_mode=fmt.target_mode(stats))
-        for batch in pf.iter_batches(columns=[values, *extra, "lse", "truncated"], batch_size=4096):
-            df = pl.from_arrow(batch)
-            rows += df.height
-            truncated += int(df["truncated"].sum())
-            lp = pl.col(values).cast(pl.Float64) - pl.col("lse").cast(pl.Float64)
-            w = pl.col("sample_counts").cast(pl.Float64) / pl.col("sample_counts").cast(pl.Float64).sum() if sampled else lp.exp()
-            per_pos = (df.select(values, *extra, "lse").explode([values, *extra, "lse"]).drop_nulls()
-                       .with_row_index("p").explode([values, *extra])
-                       .group_by("p").agg(mass=lp.exp().sum(), plogp=(w * lp).sum(), n=pl.len()))
-            if per_pos.height == 0:
+                             target_mode=mode)
+        coded = fmt.layout_metadata(pf)
+        for batch in pf.iter_batches(columns=[*targets, "lse", "truncated"], batch_size=4096):
+            t = pa.Table.from_batches([batch])
+            rows += t.num_rows
+            truncated += int(np.asarray(t.column("truncated")).sum())
+            mass, plogp, width = _sampled_sums(t) if mode == "sampled" else _topk_sums(t, coded)
+            if len(mass) == 0:
                 continue
-            tail = np.clip(1.0 - per_pos["mass"].to_numpy(), 0.0, 1.0)
-            tail_term = np.where(tail > 0, -tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0) if not sampled else 0.0
-            positions += per_pos.height
+            tail = np.clip(1.0 - mass, 0.0, 1.0)
+            tail_term = np.where(tail > 0, -tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0) if mode != "sampled" else 0.0
+            positions += len(mass)
             tail_sum += float(tail.sum())
-            ent_sum += float((-per_pos["plogp"].to_numpy() + tail_term).sum())
-            distinct_sum += float(per_pos["n"].sum())
-            distinct_max = max(distinct_max, int(per_pos["n"].max()))
+            ent_sum += float((-plogp + tail_term).sum())
+            distinct_sum += float(width.sum())
+            distinct_max = max(distinct_max, int(width.max()))
     total_bytes = sum(f["bytes"] for f in m["files"])
 
     def per(x: float) -> float | None:
@@ -92,7 +90,7 @@ def _summarize(directory: Path, m: dict) -> dict:
         "target_mode": fmt.target_mode(stats),
         "top_k": stats.get("top_k"),
         **({"samples": stats.get("samples"), "sample_seed": stats.get("sample_seed"),
-            "mean_distinct_ids": per(distinct_sum), "max_distinct_ids": distinct_max} if sampled else {}),
+            "mean_distinct_ids": per(distinct_sum), "max_distinct_ids": distinct_max} if mode == "sampled" else {}),
         "temperature": stats.get("temperature"),
         "temperatures": stats.get("temperatures") or [stats.get("temperature")],  # the grid: an exact tail at each
         "value_dtype": stats.get("value_dtype"),
@@ -101,9 +99,34 @@ def _summarize(directory: Path, m: dict) -> dict:
         "bytes_per_position": round(total_bytes / positions, 2) if positions else None,
         # sampled: the mass outside the distinct ids drawn; the entropy is then an unbiased estimate, not a bound
         "mean_tail_mass": per(tail_sum),
+        # storing the values: KL(the teacher's float32 top-k || as stored), measured by kd teacher as it wrote them
+        **({"stored_kl_mean": float(f"{stats['stored_kl_sum'] / positions:.3g}") if positions else None,
+            "stored_kl_max": stats.get("stored_kl_max")}
+           if "stored_kl_sum" in stats else {}),
         "mean_entropy_nats": per(ent_sum),
         "truncated_rows": truncated,
     }
+
+
+def _topk_sums(t: pa.Table, coded: dict | None):
+    """(stored mass, sum p lp, k) per position of a top-k table."""
+    ids, vals, lse = fmt.read_topk(t, coded)
+    lp = vals.astype(np.float64) - lse.astype(np.float64)[:, None]
+    p = np.exp(lp)
+    return p.sum(1), (p * lp).sum(1), np.full(len(lse), ids.shape[1])
+
+
+def _sampled_sums(t: pa.Table):
+    """(mass of the distinct ids, sum (c / M) lp, distinct ids) per position of a sampled table."""
+    width, vals = fmt.inner_lists(t.column("sample_logits"))
+    counts = fmt.inner_lists(t.column("sample_counts"))[1].astype(np.float64)
+    lse = fmt.inner_lists(t.column("lse"), levels=1)[1].astype(np.float64)
+    at = np.repeat(np.arange(len(width)), width)
+    lp = vals.astype(np.float64) - lse[at]
+    n = len(width)
+    total = np.bincount(at, counts, minlength=n)
+    return (np.bincount(at, np.exp(lp), minlength=n), np.bincount(at, counts / np.maximum(total[at], 1) * lp, minlength=n),
+            width)
 
 
 def verify(directory: str | Path, recompute: int = 0, model: str | None = None, seed: int = 0,
@@ -128,9 +151,7 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
     stats = m["stats"]
     grid = stats.get("temperatures")  # a grid cache: every stored lse is compared
     sampled = fmt.target_mode(stats) == "sampled"
-    targets = list(fmt.TARGET_COLUMNS[fmt.target_mode(stats)])
-    table = pq.ParquetDataset([str(p) for p in _shards(directory, m)]).read(
-        columns=["row", "input_ids", "positions", *targets, "lse_grid" if grid else "lse"])
+    table = _rows_for_recompute(directory, m, grid)
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False).tolist())
     dev = pick_device(device)
@@ -149,8 +170,10 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
             continue
         ids = torch.tensor([r["input_ids"]], device=dev)
         ids_new, vals_new, lse_new = (t.float().cpu().numpy() for t in extractor(ids, torch.ones_like(ids), [r["positions"]]))
-        vals_old = np.asarray(r["topk_logits"], dtype=np.float64)
+        vals_old = np.asarray(r["topk_logits"], dtype=np.float64)  # [positions, k], decoded
         tol = (2e-2 if dtype != "float32" else 2e-3) * max(1.0, float(np.abs(vals_old).max()))
+        if stats["value_dtype"] == "code":  # the code's step: a few thousandths near p = 1, CAP / 2 for rare ids
+            tol += layout.CAP / 2 + 0.01
         for p, pos in enumerate(r["positions"]):
             where = f"row {r['row']} position {pos}"
             _compare_ids(where, np.asarray(r["topk_ids"][p], dtype=np.int64), vals_old[p], ids_new[p].astype(np.int64),
@@ -160,6 +183,19 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
             raise KDError(f"row {r['row']}: stored logsumexp differs from a fresh teacher run by {worst[1]:.4g} (> {tol:.3g}); "
                           f"the cache does not match {model_path}")
     return f"recomputed {len(picks)} rows: max |Δ logit| {worst[0]:.3g}, max |Δ lse| {worst[1]:.3g}"
+
+
+def _rows_for_recompute(directory: Path, m: dict, grid) -> pa.Table:
+    """Every row's input_ids and positions with its targets as stored; a top-k cache's decoded into
+    topk_ids / topk_logits [positions][k] whatever its format version (`format.read_topk`)."""
+    stats, parts = m["stats"], []
+    targets = list(fmt.columns_of(stats["value_dtype"], fmt.target_mode(stats)))
+    for path in _shards(directory, m):
+        pf = pq.ParquetFile(path)
+        t = pf.read(columns=["row", "input_ids", "positions", *targets, "lse"] + (["lse_grid"] if grid else []))
+        t = fmt.with_topk_lists(t, fmt.layout_metadata(pf))
+        parts.append(t)
+    return pa.concat_tables(parts, promote_options="default")
 
 
 def _redraw(table, picks: list[int], extractor, dev, dtype: str, model_path: str) -> str:

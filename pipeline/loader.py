@@ -74,8 +74,10 @@ class ParquetSource:
         self.task_type, self.value_dtype, self.text_pair = task_type, value_dtype, text_pair
         self.keys = [cache_key] * len(self.paths) if cache_key is None or isinstance(cache_key, str) else list(cache_key)
         self.groups: list[tuple[int, int, int]] = []  # (file, group, rows)
+        self.layouts: list[dict | None] = []  # a version 2 shard's code parameters (pipeline.layout)
         for i, p in enumerate(self.paths):
             pf = fmt.check_shard(p, task_type, value_dtype, text_pair, self.keys[i], lse_grid, target_mode)
+            self.layouts.append(fmt.layout_metadata(pf))
             md = pf.metadata
             self.groups += [(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
         self._open: dict[int, pq.ParquetFile] = {}
@@ -90,7 +92,7 @@ class ParquetSource:
             pf = self._open[unit.file] = fmt.check_shard(self.paths[unit.file], self.task_type, self.value_dtype,
                                                          self.text_pair, self.keys[unit.file], self.lse_grid,
                                                          self.target_mode)
-        return _subset(pf.read_row_group(unit.group, columns=list(columns)), unit)
+        return fmt.attach_layout(_subset(pf.read_row_group(unit.group, columns=list(columns)), unit), self.layouts[unit.file])
 
     def __getstate__(self):  # open file handles do not cross process boundaries
         return {**self.__dict__, "_open": {}}
@@ -206,17 +208,17 @@ class Collate:
     """
 
     def __init__(self, task_type: str, pad_id: int, targets: bool, tokenizer=None, max_length: int = 512,
-                 lse_index: int = 0, samples: int | None = None):
+                 lse_index: int = 0, samples: int | None = None, value_dtype: str = "float16"):
         self.task_type, self.pad_id, self.targets = task_type, int(pad_id), targets
-        self.lse_index, self.samples = lse_index, samples
+        self.lse_index, self.samples, self.value_dtype = lse_index, samples, value_dtype
         self.hard_labels = tasks.get(task_type).hard_labels
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def columns(self, text_pair: bool) -> list[str]:
         cols = ["row", "labels", "positions"]
         cols += (["text", "text_pair"] if text_pair else ["text"]) if self.tokenizer is not None else ["input_ids"]
-        lse = ["lse_grid"] if self.lse_index else ["lse"]
-        targets = list(fmt.TARGET_COLUMNS["sampled" if self.samples else "topk"])
+        lse = ["lse", "lse_grid"] if self.lse_index else ["lse"]  # read_topk takes lse; the grid's column replaces it
+        targets = list(fmt.columns_of(self.value_dtype, "sampled" if self.samples else "topk"))
         return cols + (targets + lse if self.targets else [])
 
     def decode(self, t: pa.Table) -> Block:
@@ -230,13 +232,8 @@ class Collate:
                 raise KDError(f"rows {rows['row'][:3].tolist()}…: {len(pos['lse'])} targets for {len(positions)} positions; the cache is "
                               f"damaged, rebuild it")
         elif self.targets:
-            k_len, flat = _ragged(_ragged_inner(t.column("topk_ids")))
-            k = int(k_len[0]) if len(k_len) else 1
-            if (k_len != k).any():
-                raise KDError(f"rows {rows['row'][:3].tolist()}…: top-k lists of different lengths; the cache is damaged, rebuild it")
-            pos["topk_ids"] = flat.reshape(-1, k)
-            pos["topk_logits"] = _ragged(_ragged_inner(t.column("topk_logits")))[1].reshape(-1, k)
-            pos["lse"] = self._grid_lse(t) if self.lse_index else _ragged(t.column("lse"))[1]
+            pos["topk_ids"], pos["topk_logits"], lse = fmt.read_topk(t)
+            pos["lse"] = self._grid_lse(t) if self.lse_index else lse
             if not len(pos["lse"]) == len(positions) == len(pos["topk_ids"]):
                 raise KDError(f"rows {rows['row'][:3].tolist()}…: {len(pos['lse'])} targets for {len(positions)} positions; the cache is "
                               f"damaged, rebuild it")

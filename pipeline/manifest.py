@@ -32,7 +32,8 @@ REQUIRED = {  # what readers of a cache index without looking (read_cache)
     "targets": {"stats": ("task_type", "top_k", "temperature", "value_dtype", "outputs", "total_rows"),
                 "fingerprints": (), "config": ()},
 }
-SUMMED_STATS = ("rows", "positions", "bytes", "truncated_rows", "teacher_seconds", "encode_seconds", "collect_seconds",
+MAX_STATS = ("stored_kl_max",)  # the worst over tasks
+SUMMED_STATS = ("stored_kl_sum", "rows", "positions", "bytes", "truncated_rows", "teacher_seconds", "encode_seconds", "collect_seconds",
                 "write_seconds", "compute_seconds", "loop_seconds", "body_seconds", "reduce_seconds")
 
 
@@ -177,7 +178,7 @@ def finalize(out: Path) -> dict[str, Any]:
                 raise KDError(f"{out}: task {i} recorded {f['path']} but the file is gone; delete {task_path(out, i)} and rerun task {i}")
             files.append(f)
         for k, v in rec.get("stats", {}).items():
-            stats[k] = stats.get(k, 0) + v if k in SUMMED_STATS else v
+            stats[k] = stats.get(k, 0) + v if k in SUMMED_STATS else max(stats.get(k, v), v) if k in MAX_STATS else v
     if stats.get("positions") and "bytes" in stats:
         stats["bytes_per_position"] = round(stats["bytes"] / stats["positions"], 2)
     manifest = {

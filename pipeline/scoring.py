@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import format as fmt
 from pipeline import manifest
 from pipeline import metrics as M
 from pipeline import tasks
@@ -190,16 +192,15 @@ def cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: int = 51
 
 
 def _read_cache_rows(cache_dir: Path, m: dict, limit: int | None, chunk_rows: int):
-    k = int(m["stats"]["top_k"])
     grid = cache_grid(m["stats"])
     at_1 = choose_lse(grid, 1.0)
     for f in sorted(m["files"], key=lambda f: f["path"]):
-        for rb in pq.ParquetFile(manifest.path_of(cache_dir, f["path"])).iter_batches(batch_size=chunk_rows):
+        pf = pq.ParquetFile(manifest.path_of(cache_dir, f["path"]))
+        coded = fmt.layout_metadata(pf)
+        for rb in pf.iter_batches(batch_size=chunk_rows):
             cols = {c: rb.column(c).to_pylist() for c in ("row", "text", "input_ids", "labels", "positions")}
             pairs = rb.column("text_pair").to_pylist() if "text_pair" in rb.schema.names else [None] * rb.num_rows
-            ids = rb.column("topk_ids").flatten().flatten().to_numpy().reshape(-1, k)
-            vals = rb.column("topk_logits").flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-            lse = rb.column("lse").flatten().to_numpy(zero_copy_only=False)
+            ids, vals, lse = fmt.read_topk(pa.Table.from_batches([rb]), coded)
             lse1 = _grid_column(rb, at_1.index, (len(lse), len(grid))) if at_1.column == "lse_grid" else None
             ends = np.cumsum(pc.list_value_length(rb.column("positions")).to_numpy(zero_copy_only=False))
             for i in range(rb.num_rows):

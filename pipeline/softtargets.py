@@ -296,6 +296,21 @@ def distinct_draws(draws: np.ndarray, values: np.ndarray):
     return new.reshape(n, m).sum(1), ids[new], counts.astype(np.uint16), vals[new]
 
 
+def bucket_kl(log_p: np.ndarray, log_q: np.ndarray, exact_tail: bool = True) -> np.ndarray:
+    """Per position, the (k+1)-bucket KL(p || q) of this module's doc between two [P, k] sets of
+    log-probabilities of the same ids (float64): e.g. a teacher's float32 top-k and the same top-k as
+    a cache stores it. A mass at or above 1 leaves an empty tail (clamped, as the losses do);
+    `exact_tail` False (k == V): no tail bucket at all."""
+    lp, lq = log_p.astype(np.float64), log_q.astype(np.float64)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    if exact_tail:
+        tiny = np.finfo(np.float64).tiny
+        tp, tq = (np.maximum(-np.expm1(np.logaddexp.reduce(x, axis=-1)), tiny) if x.size else np.ones(len(x))
+                  for x in (lp, lq))
+        kl = kl + tp * (np.log(tp) - np.log(tq))
+    return kl
+
+
 def to_value_dtype(values: np.ndarray, value_dtype: str) -> np.ndarray:
     if value_dtype == "float16":
         if values.size and float(np.abs(values).max()) > FP16_MAX:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import format as fmt
-from pipeline import io, jobarray, manifest, tasks
+from pipeline import io, jobarray, layout, manifest, tasks
 from pipeline.config import TeacherConfig, recorded
 from pipeline.data import Encoder
 from pipeline.errors import KDError
@@ -30,7 +30,7 @@ from pipeline.inputs import Inputs, resolve_inputs
 from pipeline.models import load_model, pick_device, pick_dtype
 from pipeline.outputs import StageOutput
 from pipeline.progress import Progress, say
-from pipeline.softtargets import Extractor, collect, distinct_draws, launch, sample_seed, to_value_dtype
+from pipeline.softtargets import Extractor, bucket_kl, collect, distinct_draws, launch, sample_seed, to_value_dtype
 
 __all__ = ["TeacherConfig", "resolve_inputs", "run"]
 # Where a task's time goes (summed over shards; the manifest sums them over tasks): tokenising,
@@ -113,6 +113,7 @@ def _plan(cfg: TeacherConfig, inp: Inputs) -> dict:
     config.update(top_k=inp.top_k, columns=dataclasses.asdict(inp.cols), id_column=inp.id_column)
     id2label = {str(k): v for k, v in (inp.mconfig.id2label or {}).items()} if task.classification else None
     return {"config": config, "fingerprints": inp.fingerprints,
+            "format_version": fmt.version_of(cfg.value_dtype, "sampled" if inp.sampling else "topk"),
             "stats": {"total_rows": len(inp.dataset), "top_k": inp.top_k, "outputs": inp.outputs,
                       "temperature": cfg.temperature, "task_type": cfg.task_type, "value_dtype": cfg.value_dtype,
                       "id2label": id2label, **({"vocab_limit": inp.vocab_limit} if inp.vocab_limit else {}),
@@ -158,7 +159,7 @@ def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_ind
             stats["encode_seconds"] += t1 - t0
             stats["teacher_seconds"] += time.monotonic() - t1
             pending.append(writer.submit(_write, path, examples, launched, schema, cfg.value_dtype,
-                                         {**meta, "rows": f"{s0}-{s1}"}, t1))
+                                         {**meta, "rows": f"{s0}-{s1}"}, t1, inp.outputs))
             while len(pending) > 1:  # bounded: at most one shard waits while the next one computes
                 records.append(pending.pop(0).result())
             progress.update(s1 - s0)
@@ -172,10 +173,13 @@ def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_ind
         spans.append(r.pop("span"))
         for k in ("rows", "positions", "bytes", "collect_seconds", "write_seconds"):
             stats[k] += r.pop(k) if k.endswith("_seconds") else r[k]
+        if "stored_kl_sum" in r:  # top-k caches: what storing the values cost (kd inspect's fidelity)
+            stats["stored_kl_sum"] = stats.get("stored_kl_sum", 0.0) + r.pop("stored_kl_sum")
+            stats["stored_kl_max"] = max(stats.get("stored_kl_max", 0.0), r.pop("stored_kl_max"))
     stats["compute_seconds"] = _union(spans)
     if extractor.profile is not None:
         stats.update(extractor.profile)
-    return records, {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
+    return records, {k: round(v, 3) if isinstance(v, float) and not k.startswith("stored_kl") else v for k, v in stats.items()}
 
 
 def _nested(values: np.ndarray, row_counts: list[int], k: int, arrow_type) -> pa.Array:
@@ -185,14 +189,16 @@ def _nested(values: np.ndarray, row_counts: list[int], k: int, arrow_type) -> pa
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int32)), inner)
 
 
-def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, meta: dict, launched_at: float) -> dict:
+def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, meta: dict, launched_at: float,
+           outputs: int) -> dict:
     t0 = time.monotonic()
     results = collect(examples, *launched)
     t1 = time.monotonic()
     counts = [len(e.positions) for e in examples]
     k = int(meta.get("top_k") or meta["samples"])  # a sampled cache: M draws per position, deduplicated below
     ids = np.concatenate([r[0] for r in results]).reshape(-1, k) if results else np.zeros((0, k), np.int32)
-    vals = to_value_dtype(np.concatenate([r[1] for r in results]).reshape(-1, k), value_dtype)
+    exact = np.concatenate([r[1] for r in results]).reshape(-1, k) if results else np.zeros((0, k), np.float32)
+    vals = to_value_dtype(exact, "float16" if value_dtype == "code" else value_dtype)
     lse = np.concatenate([r[2] for r in results]).astype(np.float32)
     grid, lse = (lse, np.ascontiguousarray(lse[:, 0])) if lse.ndim == 2 else (None, lse)  # a grid: lse at every T, [:, 0] at T0
     vtype = fmt.VALUE_DTYPES[value_dtype]
@@ -208,16 +214,25 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
         "labels": pa.array([e.labels for e in examples], schema.field("labels").type),
         "truncated": pa.array([e.truncated for e in examples], pa.bool_()),
         "positions": pa.array([e.positions for e in examples], schema.field("positions").type),
-        **(_sampled_columns(ids, vals, counts, vtype) if "samples" in meta else {
-            "topk_ids": _nested(ids, counts, k, pa.int32()),
-            "topk_logits": _nested(vals, counts, k, vtype)}),
         "lse": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), pa.array(lse)),
     })
+    layout_meta, stored = None, vals
+    if "samples" in meta:
+        columns.update(_sampled_columns(ids, vals, counts, vtype))
+    elif value_dtype == "code":  # format 2 (pipeline.layout); lse stays the exact float32
+        coded, layout_meta = layout.encode(ids, exact, lse, vocab_size=outputs)
+        columns.update(layout.to_arrow(coded, counts, k))
+        stored = layout.decode(coded, layout_meta)[1]
+    else:
+        columns.update({"topk_ids": _nested(ids, counts, k, pa.int32()), "topk_logits": _nested(vals, counts, k, vtype)})
     if grid is not None:
         columns["lse_grid"] = _nested(np.ascontiguousarray(grid), counts, grid.shape[1], pa.float32())
     table = pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
-    record = fmt.write_shard(path, table, meta)
+    record = fmt.write_shard(path, table, meta, layout_meta)
     record["truncated"] = int(sum(e.truncated for e in examples))
+    if "samples" not in meta:  # what storing cost: KL(float32 top-k || as stored), kd inspect's fidelity
+        kl = bucket_kl(exact - lse[:, None], stored.astype(np.float32) - lse[:, None], exact_tail=k < outputs)
+        record.update(stored_kl_sum=float(kl.sum()), stored_kl_max=float(kl.max(initial=0.0)))
     record.update(collect_seconds=t1 - t0, write_seconds=time.monotonic() - t1, span=(launched_at, t1))
     return record
 

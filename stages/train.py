@@ -221,7 +221,7 @@ def _from_cache(cfg: TrainConfig, d) -> Setup:
         max_length = capped_length(max_length, student.model.config, student.tokenizer,
                                    f"student {cfg.student or cfg.student_from_teacher}")
     collate = Collate(task_type, pad_id(cache_tok), True, student.tokenizer if retokenize else None, max_length,
-                      lse_index=lse_pick.index, samples=samples)
+                      lse_index=lse_pick.index, samples=samples, value_dtype=stats["value_dtype"])
     return Setup(task_type, student, student.tokenizer if retokenize else cache_tok, how,
                  Objective(cfg.alpha, cfg.loss, cache_t, temperature, targets=True, lse_temperature=lse_pick.temperature),
                  source, collate, text_pair, cache,

@@ -132,3 +132,20 @@ def models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 def datasets_dir(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
     return {t: make_data(root / f"{t}.jsonl", t) for t in TASK_TYPES}
+
+
+def read_targets(out: Path):
+    """A targets cache's rows in row order, top-k as version 1's topk_ids / topk_logits lists whatever
+    the format version (pipeline.format.with_topk_lists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import format as fmt
+    from pipeline import manifest
+
+    m = manifest.read_manifest(out, kind="targets")
+    parts = []
+    for f in m["files"]:
+        pf = pq.ParquetFile(out / f["path"])
+        parts.append(fmt.with_topk_lists(pf.read(), fmt.layout_metadata(pf)))
+    return pa.concat_tables(parts).sort_by("row")

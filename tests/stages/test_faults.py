@@ -189,8 +189,8 @@ def _rewrite_shard(cache: Path, change) -> None:
     entry = m["files"][0]
     path = cache / entry["path"]
     table = change(pq.read_table(path))
-    md = fmt.file_metadata(path)
-    rec = fmt.write_shard(path, table.replace_schema_metadata(None), {k: v for k, v in md.items() if k != "format_version"})
+    md, coded = fmt.file_metadata(path), fmt.layout_metadata(pq.ParquetFile(path))
+    rec = fmt.write_shard(path, table.replace_schema_metadata(None), {k: v for k, v in md.items() if k != "format_version"}, coded)
     for holder in [m] + [json.loads(p.read_text()) for p in (cache / "tasks").glob("*.json")]:
         for f in holder["files"]:
             if f["path"] == entry["path"]:
@@ -205,11 +205,12 @@ def test_verify_recompute_catches_a_tampered_top1_id(tmp_path, caches):
 
     vocab = json.loads((cache / "manifest.json").read_text())["stats"]["outputs"]
 
-    def tamper(t: pa.Table) -> pa.Table:
-        ids = t.column("topk_ids").to_pylist()
-        ids[0][0][0] = next(i for i in range(vocab) if i not in ids[0][0])  # an id the teacher did not rank there
-        return t.set_column(t.schema.get_field_index("topk_ids"), t.schema.field("topk_ids"),
-                            pa.array(ids, t.schema.field("topk_ids").type))
+    def tamper(t: pa.Table) -> pa.Table:  # format 2: ids are renumbered, the first k of a row are position 0's
+        k = json.loads((cache / "manifest.json").read_text())["stats"]["top_k"]
+        ids = t.column("topk_rids").to_pylist()
+        ids[0][0] = next(i for i in range(vocab) if i not in ids[0][:k])  # an id the teacher did not rank there
+        return t.set_column(t.schema.get_field_index("topk_rids"), t.schema.field("topk_rids"),
+                            pa.array(ids, t.schema.field("topk_rids").type))
 
     _rewrite_shard(cache, tamper)
     assert CliRunner().invoke(cli, ["verify", str(cache)]).exit_code == 0  # the checksums were updated too
