@@ -96,9 +96,10 @@ class TeacherConfig:
                                    "at every one, so students train at any of them with the exact tail.",
                              metavar="T1,T2,...")
     dtype: str = flag("auto", "Teacher compute dtype (auto: bf16 on a GPU, float32 on the CPU).", choices=DTYPES)
-    value_dtype: str = flag("code", "How top-k values are stored: code (format 2: a bounded-error code, ~5e-6 nats of KL per "
-                                    "position, the fewest bytes), or float16 / float32 z/T (format 1).",
-                            choices=("code", "float16", "float32"))
+    value_dtype: str = flag("auto", "How top-k values are stored: code (format 2: a bounded-error code, ~5e-6 nats of KL per "
+                                    "position, the fewest bytes), or float16 / float32 z/T (format 1); auto: code for a "
+                                    "vocabulary, float32 for classes (exact, a few bytes per example).",
+                            choices=("auto", "code", "float16", "float32"))
     batch_tokens: int = flag(16384, "Token budget per teacher batch (padded).")
     shard_rows: int | None = flag(None, "Rows per shard (default: 50000 for classification, 1M/max-length otherwise).")
     mask_seed: int = flag(0, "masked-lm: seed of the masks.")
@@ -137,7 +138,15 @@ class TeacherConfig:
         floats when it has more than one (else None, so a one-entry grid is recorded, keyed and stored
         exactly as --temperature alone)."""
         grid = self.grid()
-        return dataclasses.replace(self, temperature=grid[0], temperatures=grid if len(grid) > 1 else None)
+        return dataclasses.replace(self, temperature=grid[0], temperatures=grid if len(grid) > 1 else None,
+                                   value_dtype=self.stored_dtype())
+
+    def stored_dtype(self) -> str:
+        """--value-dtype with auto settled: the code where it pays (a vocabulary's top-k), float32 where
+        the values are few and exact ones cost nothing (a classifier's C classes)."""
+        if self.value_dtype != "auto":
+            return self.value_dtype
+        return "float32" if tasks.get(self.task_type).classification else "code"
 
 
 @dataclasses.dataclass

@@ -70,8 +70,8 @@ def resolve_inputs(cfg: TeacherConfig) -> Inputs:
     mask = {"seed": cfg.mask_seed, "prob": cfg.mask_prob} if task.masked else None
     key = cache_key(teacher=fps["teacher"], tokenizer=fps["tokenizer"], dataset=fps["dataset"],
                     task_type=cfg.task_type, max_length=max_length, top_k=top_k,
-                    temperature=grid[0], value_dtype=cfg.value_dtype, mask=mask,
-                    format_version=fmt.version_of(cfg.value_dtype, "sampled" if sampling else "topk"),
+                    temperature=grid[0], value_dtype=cfg.stored_dtype(), mask=mask,
+                    format_version=fmt.version_of(cfg.stored_dtype(), "sampled" if sampling else "topk"),
                     vocab_limit=vocab_limit, temperatures=grid, sampling=sampling)
     return Inputs(model_dir, tokenizer, mconfig, dataset, cols, id_column, top_k, outputs, fps, key, max_length, vocab_limit,
                   sampling)

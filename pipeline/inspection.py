@@ -172,12 +172,13 @@ def _recompute(directory: Path, m: dict, n: int, model_path: str, seed: int, dev
         ids_new, vals_new, lse_new = (t.float().cpu().numpy() for t in extractor(ids, torch.ones_like(ids), [r["positions"]]))
         vals_old = np.asarray(r["topk_logits"], dtype=np.float64)  # [positions, k], decoded
         tol = (2e-2 if dtype != "float32" else 2e-3) * max(1.0, float(np.abs(vals_old).max()))
-        if stats["value_dtype"] == "code":  # the code's step: a few thousandths near p = 1, CAP / 2 for rare ids
-            tol += layout.CAP / 2 + 0.01
+        lse_old = np.asarray(r["lse"], dtype=np.float64)[:, None]
+        # format 2: each value as far off as its code step allows (pipeline.layout.value_error)
+        tols = tol + layout.value_error(vals_old - lse_old, k) if stats["value_dtype"] == "code" else np.full(vals_old.shape, tol)
         for p, pos in enumerate(r["positions"]):
             where = f"row {r['row']} position {pos}"
             _compare_ids(where, np.asarray(r["topk_ids"][p], dtype=np.int64), vals_old[p], ids_new[p].astype(np.int64),
-                         vals_new[p], k, tol, worst, model_path)
+                         vals_new[p], k, tols[p], worst, model_path)
         worst[1] = max(worst[1], float(np.abs(np.asarray(r["lse_grid" if grid else "lse"]) - lse_new).max()))
         if worst[1] > tol:
             raise KDError(f"row {r['row']}: stored logsumexp differs from a fresh teacher run by {worst[1]:.4g} (> {tol:.3g}); "
@@ -228,23 +229,24 @@ def _redraw(table, picks: list[int], extractor, dev, dtype: str, model_path: str
     return f"redrew {len(picks)} rows: same ids and counts, max |Δ logit| {worst[0]:.3g}, max |Δ lse| {worst[1]:.3g}"
 
 
-def _compare_ids(where: str, old_ids, old_vals, new_ids, new_vals, k: int, tol: float, worst: list, model_path: str) -> None:
+def _compare_ids(where: str, old_ids, old_vals, new_ids, new_vals, k: int, tols: np.ndarray, worst: list, model_path: str) -> None:
     """One position: every stored id is among the fresh top ids with the stored value, in
     descending order, and the fresh top-k has no id clearly above the stored k-th value that the
-    cache lacks. Only ties (within `tol`) at the k-th boundary may differ."""
+    cache lacks. Only ties (within the tolerance, `tols` per rank) at the k-th boundary may differ."""
     fresh = dict(zip(new_ids.tolist(), new_vals.tolist()))
-    if len(set(old_ids.tolist())) != len(old_ids) or np.any(np.diff(old_vals) > tol):
+    if len(set(old_ids.tolist())) != len(old_ids) or np.any(np.diff(old_vals) > np.maximum(tols[1:], tols[:-1])):
         raise KDError(f"{where}: stored top-k ids repeat or are not in descending order of value; the cache is damaged or edited")
     for rank, (i, v) in enumerate(zip(old_ids.tolist(), old_vals.tolist())):
         if i not in fresh:
             raise KDError(f"{where}: stored id {i} (rank {rank}) is not among a fresh teacher run's top {len(new_ids)}; "
                           f"the cache does not match {model_path}")
         worst[0] = max(worst[0], abs(fresh[i] - v))
+        tol = float(tols[rank])
         if abs(fresh[i] - v) > tol:
             raise KDError(f"{where}: stored value of id {i} (rank {rank}) differs from a fresh teacher run by "
                           f"{abs(fresh[i] - v):.4g} (> {tol:.3g}); the cache does not match {model_path}")
     stored = set(old_ids.tolist())
     for i, v in zip(new_ids[:k].tolist(), new_vals[:k].tolist()):
-        if i not in stored and v > old_vals[-1] + tol:
+        if i not in stored and v > old_vals[-1] + float(tols[-1]):
             raise KDError(f"{where}: a fresh teacher run ranks id {i} in its top {k} but the cache lacks it; the cache does not "
                           f"match {model_path}")

@@ -177,6 +177,14 @@ def encode(ids, values, lse, *, vocab_size: int | None = None, kl_target: float 
     return columns, meta
 
 
+def value_error(log_p: np.ndarray, k: int, kl_target: float = KL_TARGET) -> np.ndarray:
+    """A bound on |decoded - exact| log-prob per value of a top-k code (k ids, default target): half a
+    step in sqrt(p) is D / sqrt(p) in log p, at most CAP / 2 where the step is CAP, plus the shift's and
+    float32's share (2 D); for `kd verify --recompute`, which compares a fresh teacher run with it."""
+    d = step_for(k, kl_target)
+    return np.minimum(CAP / 2, d / np.sqrt(np.exp(np.minimum(log_p, 0.0)))) + 2 * d
+
+
 def _empty(shape: tuple[int, int], dtype) -> np.ndarray:
     """A writable array in Arrow's memory pool, which keeps freed pages: glibc hands multi-MB blocks
     back to the OS, and page faults on fresh numpy outputs tripled the decode time (3 -> 9 ns/item)."""
