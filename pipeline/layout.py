@@ -179,10 +179,11 @@ def encode(ids, values, lse, *, vocab_size: int | None = None, kl_target: float 
 
 def value_error(log_p: np.ndarray, k: int, kl_target: float = KL_TARGET) -> np.ndarray:
     """A bound on |decoded - exact| log-prob per value of a top-k code (k ids, default target): half a
-    step in sqrt(p) is D / sqrt(p) in log p, at most CAP / 2 where the step is CAP, plus the shift's and
-    float32's share (2 D); for `kd verify --recompute`, which compares a fresh teacher run with it."""
+    step in sqrt(p) is D / sqrt(p) in log p (CAP / 2 where the step is CAP), and the position's shift,
+    a mass-weighted mean of such errors, can add as much again; plus 2 D for float32. For `kd verify
+    --recompute`, which compares a fresh teacher run with the stored values."""
     d = step_for(k, kl_target)
-    return np.minimum(CAP / 2, d / np.sqrt(np.exp(np.minimum(log_p, 0.0)))) + 2 * d
+    return np.minimum(CAP, 2 * d / np.sqrt(np.exp(np.minimum(log_p, 0.0)))) + 2 * d
 
 
 def _empty(shape: tuple[int, int], dtype) -> np.ndarray:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipeline import format as fmt
 from pipeline.errors import KDError
@@ -85,3 +88,43 @@ def test_lse_grid_is_optional_and_checked_where_present(tmp_path):
         fmt.check_shard(bad, "causal-lm", "float16", False, "abc")
     read = pq.read_table(grid)
     assert read["lse_grid"].to_pylist()[0][0][1] == pytest.approx(read["lse"].to_pylist()[0][0] + 1.0)
+
+
+def test_format_1_and_2_caches_stream_the_same_targets_and_both_train(tmp_path, models, datasets_dir):
+    """One teacher, its top-k stored as format 1 (float32 z/T) and as format 2 (the default code): the
+    training loader hands the same ids in the same order and values within the code's bound; a format 1
+    float16 cache still trains; kd inspect reports what storing cost."""
+    import json
+
+    from click.testing import CliRunner
+
+    from pipeline import manifest
+    from pipeline.cli import cli
+    from pipeline.layout import value_error
+    from pipeline.loader import Collate, ParquetSource, StreamingDataset
+    from stages import teacher, train
+    from stages.teacher import TeacherConfig
+
+    def cache(dtype):
+        c = TeacherConfig(model=str(models["causal-lm"]), data=str(datasets_dir["causal-lm"]), task_type="causal-lm", top_k=8,
+                          max_length=32, out=str(tmp_path / dtype), value_dtype=dtype, progress=False)
+        return Path(teacher.run(c)["out"])
+
+    def batches(out, dtype):
+        m = manifest.read_manifest(out)
+        src = ParquetSource([out / f["path"] for f in m["files"]], "causal-lm", dtype, False, m["key"])
+        return list(StreamingDataset(src, Collate("causal-lm", 0, True, value_dtype=dtype), 8, shuffle=False))
+
+    exact, coded = cache("float32"), cache("auto")
+    assert manifest.read_manifest(coded)["stats"]["value_dtype"] == "code"
+    for a, b in zip(batches(exact, "float32"), batches(coded, "code"), strict=True):
+        assert torch.equal(a["topk_ids"], b["topk_ids"]) and torch.equal(a["lse"], b["lse"])
+        lp = (a["topk_logits"] - a["lse"][:, None]).double().numpy()
+        err = np.abs(a["topk_logits"].double().numpy() - b["topk_logits"].double().numpy())
+        assert (err <= value_error(lp, 8)).all()
+    s = json.loads(CliRunner().invoke(cli, ["inspect", str(coded), "--json"]).output)
+    assert 0 < s["stored_kl_mean"] < 1e-5 and s["stored_kl_max"] < 1e-4
+    old = cache("float16")
+    r = train.run(train.TrainConfig(targets=[str(old)], student_from_teacher=str(models["causal-lm"]), student_layers="0",
+                                    out=str(tmp_path / "s"), max_steps=3, batch_size=8, progress=False))
+    assert r["complete"] and np.isfinite(r["final"]["loss"])
