@@ -13,6 +13,7 @@ group by row group, never loaded whole.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -416,7 +417,9 @@ def _eval_loader(cfg: TrainConfig, d, setup: Setup):
     source = ParquetSource([manifest.path_of(Path(cfg.eval_targets), f["path"]) for f in ev["files"]], setup.task_type,
                            ev["stats"]["value_dtype"], text_pair, ev["key"], lse_grid=pick.column == "lse_grid",
                            target_mode=mode)
-    ds = StreamingDataset(source, setup.collate, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world_size,
+    collate = copy.copy(setup.collate)  # the held-out cache's own layout (format 1 or 2), the training cache's batches
+    collate.value_dtype = ev["stats"]["value_dtype"]
+    ds = StreamingDataset(source, collate, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world_size,
                           text_pair=text_pair)
     ds.set_epoch(0)
     return ds

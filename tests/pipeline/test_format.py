@@ -126,5 +126,6 @@ def test_format_1_and_2_caches_stream_the_same_targets_and_both_train(tmp_path, 
     assert 0 < s["stored_kl_mean"] < 1e-5 and s["stored_kl_max"] < 1e-4
     old = cache("float16")
     r = train.run(train.TrainConfig(targets=[str(old)], student_from_teacher=str(models["causal-lm"]), student_layers="0",
-                                    out=str(tmp_path / "s"), max_steps=3, batch_size=8, progress=False))
-    assert r["complete"] and np.isfinite(r["final"]["loss"])
+                                    out=str(tmp_path / "s"), max_steps=3, batch_size=8, progress=False,
+                                    eval_targets=str(coded)))  # held out in the other format
+    assert r["complete"] and np.isfinite(r["final"]["loss"]) and np.isfinite(r["eval"]["kd"])
