@@ -100,9 +100,8 @@ def _summarize(directory: Path, m: dict) -> dict:
         # sampled: the mass outside the distinct ids drawn; the entropy is then an unbiased estimate, not a bound
         "mean_tail_mass": per(tail_sum),
         # storing the values: KL(the teacher's float32 top-k || as stored), measured by kd teacher as it wrote them
-        **({"stored_kl_mean": float(f"{stats['stored_kl_sum'] / positions:.3g}") if positions else None,
-            "stored_kl_max": stats.get("stored_kl_max")}
-           if "stored_kl_sum" in stats else {}),
+        **({"stored_kl_mean": float(f"{stats['stored_kl_sum'] / stats['stored_kl_positions']:.3g}"),
+            "stored_kl_max": stats.get("stored_kl_max")} if stats.get("stored_kl_positions") else {}),
         "mean_entropy_nats": per(ent_sum),
         "truncated_rows": truncated,
     }

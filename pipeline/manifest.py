@@ -33,8 +33,9 @@ REQUIRED = {  # what readers of a cache index without looking (read_cache)
                 "fingerprints": (), "config": ()},
 }
 MAX_STATS = ("stored_kl_max",)  # the worst over tasks
-SUMMED_STATS = ("stored_kl_sum", "rows", "positions", "bytes", "truncated_rows", "teacher_seconds", "encode_seconds", "collect_seconds",
-                "write_seconds", "compute_seconds", "loop_seconds", "body_seconds", "reduce_seconds")
+SUMMED_STATS = ("rows", "positions", "bytes", "truncated_rows", "teacher_seconds", "encode_seconds", "collect_seconds",
+                "write_seconds", "compute_seconds", "loop_seconds", "body_seconds", "reduce_seconds",
+                "stored_kl_sum", "stored_kl_positions")
 
 
 def now() -> str:

@@ -173,8 +173,9 @@ def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_ind
         spans.append(r.pop("span"))
         for k in ("rows", "positions", "bytes", "collect_seconds", "write_seconds"):
             stats[k] += r.pop(k) if k.endswith("_seconds") else r[k]
-        if "stored_kl_sum" in r:  # top-k caches: what storing the values cost (kd inspect's fidelity)
-            stats["stored_kl_sum"] = stats.get("stored_kl_sum", 0.0) + r.pop("stored_kl_sum")
+        if "stored_kl_sum" in r:  # top-k shards written now (not kept from a killed run): what storing cost
+            for k in ("stored_kl_sum", "stored_kl_positions"):
+                stats[k] = stats.get(k, 0) + r.pop(k)
             stats["stored_kl_max"] = max(stats.get("stored_kl_max", 0.0), r.pop("stored_kl_max"))
     stats["compute_seconds"] = _union(spans)
     if extractor.profile is not None:
@@ -232,7 +233,7 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
     record["truncated"] = int(sum(e.truncated for e in examples))
     if "samples" not in meta:  # what storing cost: KL(float32 top-k || as stored), kd inspect's fidelity
         kl = bucket_kl(exact - lse[:, None], stored.astype(np.float32) - lse[:, None], exact_tail=k < outputs)
-        record.update(stored_kl_sum=float(kl.sum()), stored_kl_max=float(kl.max(initial=0.0)))
+        record.update(stored_kl_sum=float(kl.sum()), stored_kl_max=float(kl.max(initial=0.0)), stored_kl_positions=len(kl))
     record.update(collect_seconds=t1 - t0, write_seconds=time.monotonic() - t1, span=(launched_at, t1))
     return record
 
