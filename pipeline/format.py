@@ -1,6 +1,6 @@
 """The shard format (versions 1 and 2): one Parquet row per example, per-position lists.
 
-Version 2 (`--value-dtype code`, the default for top-k caches) stores the top-k in the denser layout
+Version 2 (`--value-dtype code`, what `auto` picks for a language model's top-k) stores the top-k in the denser layout
 of pipeline.layout (topk_rids / topk_code_deltas / topk_shift: a bounded-error code, about 5e-6 nats
 of KL per position, ~0.7x the bytes of float16 z/T); version 1 (`--value-dtype float16|float32`)
 stores topk_ids / topk_logits as plain lists. Both are read, by one door: `read_topk`.
@@ -14,8 +14,8 @@ with a message instead of being silently misread.
 
 One optional column, `lse_grid` (list<list<float32>>: per position, logsumexp(z/T) at every
 temperature of a `kd teacher --temperatures` grid, in grid order, so lse_grid[p][0] == lse[p]),
-is present only in grid caches. It is an addition, not a new version: the format version stays 1
-and a reader that does not know it ignores the extra column (every column it needs is unchanged).
+is present only in grid caches. It is an addition, not a new version (in either version), and a
+reader that does not know it ignores the extra column (every column it needs is unchanged).
 
 A sampled cache (`kd teacher --target-mode sampled`, the math in pipeline.softtargets) stores, in
 place of topk_ids / topk_logits, the distinct ids drawn at each position in ascending id order
@@ -52,8 +52,8 @@ META_PREFIX = "kd."
 def target_mode(stats: dict) -> str:
     """A cache's target mode from its manifest stats; caches written before sampled targets are top-k."""
     mode = stats.get("target_mode", "topk")
-    if mode not in TARGET_COLUMNS:
-        raise KDError(f"the cache's target mode {str(mode)[:40]!r} is unknown to this kd ({', '.join(TARGET_COLUMNS)}); upgrade kd "
+    if mode not in ("topk", "sampled"):
+        raise KDError(f"the cache's target mode {str(mode)[:40]!r} is unknown to this kd (topk, sampled); upgrade kd "
                       f"or rebuild the cache")
     return mode
 
