@@ -596,9 +596,9 @@ def parse_args(argv=None):
                                                          "(default 1; quick: none)")
     ap.add_argument("--top-k", default="8,32", help="top-k caches")
     ap.add_argument("--samples", default="12,32", help="sampled caches (M draws); paired in order with --top-k")
-    ap.add_argument("--value-dtype", default="float16", choices=("float16", "float32", "code"),
-                    help="kd teacher --value-dtype of the top-k caches (format 1 float16 by default, as measured; code = "
-                         "format 2); sampled caches store float16 (float32 if asked)")
+    ap.add_argument("--value-dtype", default="code", choices=("float16", "float32", "code"),
+                    help="kd teacher --value-dtype of the top-k caches (code = format 2, kd teacher's default for LMs, as "
+                         "measured; float16 = format 1); sampled caches store float16 (float32 if asked)")
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time (one torch thread each)")
     ap.add_argument("--_online", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_eval", default=None, help=argparse.SUPPRESS)
