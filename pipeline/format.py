@@ -229,20 +229,43 @@ def read_topk(table: pa.Table, layout_meta: dict | None = None):
         if layout_meta is None:
             raise KDError("a version 2 shard was read without its layout metadata")
         return layout.decode(layout.from_arrow(table), layout_meta)
-    k_len, ids = inner_lists(table.column("topk_ids"))
-    vals, lse = inner_lists(table.column("topk_logits"))[1], inner_lists(table.column("lse"), levels=1)[1]
+    k_len, ids = ragged(table.column("topk_ids"), 2)
+    vals, lse = ragged(table.column("topk_logits"), 2)[1], ragged(table.column("lse"))[1]
     k = int(k_len[0]) if len(k_len) else 1
     if (k_len != k).any() or len(k_len) != len(lse) or len(vals) != len(ids):
         raise KDError("top-k lists of different lengths; the cache is damaged, rebuild it")
     return ids.reshape(-1, k), vals.reshape(-1, k), lse
 
 
-def inner_lists(col, levels: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths of the innermost lists, flat values) of a list column `levels` deep (e.g. per position)."""
+def ragged(col, levels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths of the innermost lists, flat values) of a list column `levels` deep (2: per position of
+    a list<list<>>); null lists count as empty."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     for _ in range(levels - 1):
         arr = arr.flatten()
-    return np.diff(arr.offsets.to_numpy()), arr.flatten().to_numpy(zero_copy_only=False)
+    lengths = np.diff(arr.offsets.to_numpy()).astype(np.int64)
+    if arr.null_count:
+        lengths[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
+    return lengths, arr.flatten().to_numpy(zero_copy_only=False)
+
+
+def nested(flat: np.ndarray, row_counts, widths, arrow_type=None) -> pa.Array:
+    """list<list<T>> of flat per-position values: `widths` items per position (an int k, or one count per
+    position), `row_counts` positions per row. What kd teacher writes and `with_topk_lists` rebuilds."""
+    if isinstance(widths, (int, np.integer)):
+        inner = np.arange(0, flat.size + 1, max(1, int(widths)), dtype=np.int32)
+    else:
+        inner = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+    rows = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(rows), pa.ListArray.from_arrays(pa.array(inner), pa.array(flat.reshape(-1), type=arrow_type)))
+
+
+def read_samples(table: pa.Table):
+    """(distinct ids per position [P], ids, counts, z/T, all flat, lse [P]) of a sampled shard's rows: the
+    sample columns' one reader (training pads them, kd inspect sums them)."""
+    width, ids = ragged(table.column("sample_ids"), 2)
+    counts, values = ragged(table.column("sample_counts"), 2)[1], ragged(table.column("sample_logits"), 2)[1]
+    return width, ids, counts, values, ragged(table.column("lse"))[1]
 
 
 def with_topk_lists(table: pa.Table, layout_meta: dict | None = None) -> pa.Table:
@@ -252,9 +275,8 @@ def with_topk_lists(table: pa.Table, layout_meta: dict | None = None) -> pa.Tabl
     if "topk_rids" not in table.column_names:
         return table
     ids, vals, _ = read_topk(table, layout_meta)
-    rows = pa.array(np.concatenate([[0], np.cumsum(inner_lists(table.column("lse"), levels=1)[0])]).astype(np.int32))
+    per_row = ragged(table.column("lse"))[0]
     table = table.drop_columns([c for c in TARGET_COLUMNS["code"] if c in table.column_names])
     for name, a in (("topk_ids", ids), ("topk_logits", vals.astype(np.float32))):
-        inner = pa.ListArray.from_arrays(pa.array(np.arange(0, a.size + 1, max(1, a.shape[1]), dtype=np.int32)), pa.array(a.ravel()))
-        table = table.append_column(name, pa.ListArray.from_arrays(rows, inner))
+        table = table.append_column(name, nested(a, per_row, a.shape[1]))
     return table

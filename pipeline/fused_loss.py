@@ -29,7 +29,7 @@ from torch import Tensor
 from pipeline.errors import KDError
 from pipeline.models import finish_logits
 from pipeline.losses import (LOSSES, TAIL_EXACT_BELOW, _divergence, _floor, _log1mexp, kd_loss_sum, objective_rows,
-                             teacher_log_probs)
+                             sample_terms, teacher_log_probs)
 
 # chunk_bytes bounds a chunk's whole working set, which is about WORKING_SET chunk-sized tensors
 # (the logits plus autograd's softmax/logsumexp intermediates; measured in bench/loss_memory_cpu.md),
@@ -182,12 +182,10 @@ def _sampled_chunk(z: Tensor, targets, labels: Tensor | None, obj: _Objective, g
     ids, values, lse, counts = targets
     floor, t = _floor(z.dtype), obj.temperature
     q = torch.softmax(z / t if t != 1.0 else z, dim=-1)
-    w = counts.to(z.dtype)
-    w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+    w, log_p = sample_terms(values, lse, counts, z.dtype, z.device)
     log_q = torch.log(q.gather(1, ids))
     if bool(((log_q < floor) & (w > 0)).any()):
         return None
-    log_p = (values.to(z.dtype) - lse.to(z.dtype).unsqueeze(-1)).clamp(min=floor)
     kd = torch.where(w > 0, w * (log_p - log_q), 0.0).sum()
     terms = _ce_terms(z, q, labels, obj, grad)
     if terms is None:

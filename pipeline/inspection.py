@@ -117,9 +117,8 @@ def _topk_sums(t: pa.Table, coded: dict | None):
 
 def _sampled_sums(t: pa.Table):
     """(mass of the distinct ids, sum (c / M) lp, distinct ids) per position of a sampled table."""
-    width, vals = fmt.inner_lists(t.column("sample_logits"))
-    counts = fmt.inner_lists(t.column("sample_counts"))[1].astype(np.float64)
-    lse = fmt.inner_lists(t.column("lse"), levels=1)[1].astype(np.float64)
+    width, _, counts, vals, lse = fmt.read_samples(t)
+    counts, lse = counts.astype(np.float64), lse.astype(np.float64)
     at = np.repeat(np.arange(len(width)), width)
     lp = vals.astype(np.float64) - lse[at]
     n = len(width)

@@ -182,15 +182,6 @@ class Block:
         return Block(rows, groups)
 
 
-def _ragged(col) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, flat values) of a list column; nulls count as empty lists."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    lengths = np.diff(arr.offsets.to_numpy()).astype(np.int64)
-    if arr.null_count:
-        lengths[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
-    return lengths, arr.flatten().to_numpy(zero_copy_only=False)
-
-
 class Collate:
     """Arrow rows -> Block (`decode`) -> a dict of tensors in the stored dtypes (`__call__`),
     both run inside the loader workers.
@@ -223,11 +214,11 @@ class Collate:
 
     def decode(self, t: pa.Table) -> Block:
         rows = {"row": t.column("row").to_numpy()}
-        pos_len, positions = _ragged(t.column("positions"))
+        pos_len, positions = fmt.ragged(t.column("positions"))
         pos = {"positions": positions}
         if self.targets and self.samples:
             pos.update(self._sampled(t, rows["row"]))
-            pos["lse"] = _ragged(t.column("lse"))[1]
+            pos["lse"] = fmt.ragged(t.column("lse"))[1]
             if not len(pos["lse"]) == len(positions) == len(pos["topk_ids"]):
                 raise KDError(f"rows {rows['row'][:3].tolist()}…: {len(pos['lse'])} targets for {len(positions)} positions; the cache is "
                               f"damaged, rebuild it")
@@ -246,7 +237,7 @@ class Collate:
             if "text_pair" in t.column_names:
                 rows["text_pair"] = np.array(t.column("text_pair").to_pylist() + [None], dtype=object)[:-1]
         else:
-            tok_len, ids = _ragged(t.column("input_ids"))
+            tok_len, ids = fmt.ragged(t.column("input_ids"))
             tok = {"input_ids": ids}
             if self.hard_labels == "aligned":
                 tok["labels"] = self._token_labels(labels, tok_len)
@@ -256,9 +247,7 @@ class Collate:
     def _sampled(self, t: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
         """A sampled cache's ragged per-position lists, padded to [positions, M] (see the class doc)."""
         m = self.samples
-        width, ids = _ragged(_ragged_inner(t.column("sample_ids")))
-        counts = _ragged(_ragged_inner(t.column("sample_counts")))[1]
-        values = _ragged(_ragged_inner(t.column("sample_logits")))[1]
+        width, ids, counts, values, _ = fmt.read_samples(t)
         if (width < 1).any() or (width > m).any() or not len(ids) == len(counts) == len(values):
             raise KDError(f"rows {rows[:3].tolist()}…: sample lists do not hold 1..{m} ids per position; the cache is damaged, "
                           f"rebuild it")
@@ -270,7 +259,7 @@ class Collate:
 
     def _grid_lse(self, t: pa.Table) -> np.ndarray:
         """Column `lse_index` of lse_grid, one value per position (the grid's lse at the training T)."""
-        g_len, flat = _ragged(_ragged_inner(t.column("lse_grid")))
+        g_len, flat = fmt.ragged(t.column("lse_grid"), 2)
         g = int(g_len[0]) if len(g_len) else self.lse_index + 1
         if (g_len != g).any() or g <= self.lse_index:
             raise KDError(f"lse_grid holds {g} temperatures, fewer than the manifest's grid (or a varying number); the cache "
@@ -280,7 +269,7 @@ class Collate:
     @staticmethod
     def _token_labels(labels: pa.Array, tok_len: np.ndarray) -> np.ndarray:
         """Labels aligned with input_ids; rows without labels (null) get -100 everywhere."""
-        lab_len, values = _ragged(labels)
+        lab_len, values = fmt.ragged(labels)
         if (lab_len == tok_len).all():
             return values.astype(np.int32, copy=False)
         out = np.full(int(tok_len.sum()), -100, dtype=np.int32)
@@ -335,12 +324,6 @@ class Collate:
             out.update({k: torch.from_numpy(np.ascontiguousarray(pos[k]).astype(np.int32) if k == "sample_counts"
                                             else np.ascontiguousarray(pos[k])) for k in keys})
         return out
-
-
-def _ragged_inner(col) -> pa.Array:
-    """The inner lists of a list<list<T>> column, as one list array."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return arr.flatten()
 
 
 class StreamingDataset(IterableDataset):

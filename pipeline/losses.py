@@ -31,7 +31,7 @@ from pipeline.config import LOSSES
 from pipeline.errors import KDError
 
 __all__ = ["LOSSES", "LseChoice", "cache_grid", "check_sampled", "choose_lse", "distillation_loss", "kd_loss_sum",
-           "sampled_kd_sum", "teacher_log_probs"]
+           "sample_terms", "sampled_kd_sum", "teacher_log_probs"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -264,14 +264,20 @@ def sampled_kd_sum(student_logits: Tensor, ids: Tensor, values: Tensor, lse: Ten
                       f"{student_logits.shape[0]} student positions")
     dtype = _compute_dtype(student_logits)
     floor, device = _floor(dtype), student_logits.device
-    w = counts.to(device=device, dtype=dtype)
-    w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+    w, log_p = sample_terms(values, lse, counts, dtype, device)
     s = student_logits.to(dtype)
     if t != 1.0:
         s = s / t
     log_q = (s.gather(1, ids.to(device=device, dtype=torch.long)) - torch.logsumexp(s, dim=-1, keepdim=True)).clamp(min=floor)
-    log_p = (values.to(device=device, dtype=dtype) - lse.to(device=device, dtype=dtype).unsqueeze(-1)).clamp(min=floor)
     return torch.where(w > 0, w * (log_p - log_q), 0.0).sum()
+
+
+def sample_terms(values: Tensor, lse: Tensor, counts: Tensor, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """(weights c / M, 0 for padding; teacher log p_T = z/T - lse, floored) of sampled targets [N, W]."""
+    w = counts.to(device=device, dtype=dtype)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+    log_p = values.to(device=device, dtype=dtype) - lse.to(device=device, dtype=dtype).unsqueeze(-1)
+    return w, log_p.clamp(min=_floor(dtype))
 
 
 def objective_rows(student: Tensor, topk_ids: Tensor, topk_logits: Tensor, lse: Tensor, hard_labels: Tensor | None, *,

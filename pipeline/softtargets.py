@@ -93,18 +93,17 @@ class Extractor:
         # serialise a GPU, so they are for benchmarks (bench_teacher), never on by default.
         self.profile = {"body_seconds": 0.0, "reduce_seconds": 0.0} if profile else None
         self._checked = self.split is None
-        self._keys = None
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: list[list[int]],
                  rows: list[int] | None = None):
         b_idx = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long)
         p_idx = torch.tensor([p for ps in positions for p in ps], dtype=torch.long)
-        self._keys = None
+        keys = None
         if self.samples is not None:  # (row, position) of every target: what the draws are keyed by
             if rows is None:
                 raise KDError("sampled targets need the rows of the batch")
-            self._keys = (np.asarray(rows, np.int64)[b_idx.numpy()], p_idx.numpy())
+            keys = (np.asarray(rows, np.int64)[b_idx.numpy()], p_idx.numpy())
         if not self._checked:
             self._check_split(input_ids[:1], attention_mask[:1])
         t0 = self._tick(input_ids.device)
@@ -121,7 +120,7 @@ class Extractor:
                 feats = logits[b_idx.to(logits.device), p_idx.to(logits.device)]
             slab_fn = None
         t1 = self._tick(input_ids.device)
-        out = self._reduce(feats, slab_fn)
+        out = self._reduce(feats, slab_fn, keys)
         if self.profile is not None:
             self.profile["body_seconds"] += t1 - t0
             self.profile["reduce_seconds"] += self._tick(input_ids.device) - t1
@@ -134,7 +133,7 @@ class Extractor:
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def _reduce(self, feats, slab_fn):
+    def _reduce(self, feats, slab_fn, keys=None):
         n = feats.shape[0]
         vocab = None
         ids_out, val_out, lse_out = [], [], []
@@ -155,7 +154,7 @@ class Extractor:
             if self.temperature != 1.0:
                 z.div_(self.temperature)
             if self.samples is not None:
-                ids, vals, lse = self._sample(z, start)
+                ids, vals, lse = self._sample(z, *(k[start:start + z.shape[0]] for k in keys))
                 ids_out.append(ids)
                 val_out.append(vals)
                 lse_out.append(lse)
@@ -179,16 +178,15 @@ class Extractor:
                     torch.empty(0, 1 + len(self.ratios), device=dev) if self.ratios else torch.empty(0, device=dev))
         return torch.cat(ids_out), torch.cat(val_out), torch.cat(lse_out)
 
-    def _sample(self, z: torch.Tensor, start: int):
-        """(draws [n, M] int32, z/T at them, lse [n]) for a slab z = z/T (reduced in place): the
-        inverse CDF of p_T at keyed uniforms, the CDF summed in float64 so that no id's share of it
+    def _sample(self, z: torch.Tensor, rows: np.ndarray, positions: np.ndarray):
+        """(draws [n, M] int32, z/T at them, lse [n]) for a slab z = z/T (reduced in place) of these
+        (row, position) targets: the inverse CDF of p_T at keyed uniforms, the CDF summed in float64 so that no id's share of it
         is lost to rounding (pipeline.softtargets, "Sampled targets")."""
         top = z.max(dim=-1, keepdim=True).values
         z.sub_(top).exp_()  # p_T times exp(top - lse), <= 1
         lse = top.squeeze(-1) + z.sum(-1).log()
         cdf = torch.cumsum(z, dim=-1, dtype=torch.float64)
-        rows, pos = self._keys
-        u = uniforms(self.seed, rows[start:start + z.shape[0]], pos[start:start + z.shape[0]], self.samples)
+        u = uniforms(self.seed, rows, positions, self.samples)
         draws = torch.searchsorted(cdf, torch.from_numpy(u).to(cdf.device) * cdf[:, -1:], right=True)
         del cdf
         draws.clamp_(max=z.shape[1] - 1)

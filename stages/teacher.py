@@ -183,13 +183,6 @@ def _extract(cfg: TeacherConfig, inp: Inputs, model, device, out: Path, task_ind
     return records, {k: round(v, 3) if isinstance(v, float) and not k.startswith("stored_kl") else v for k, v in stats.items()}
 
 
-def _nested(values: np.ndarray, row_counts: list[int], k: int, arrow_type) -> pa.Array:
-    """list<list<T>> from a flat [P, k] array and the number of positions of each row."""
-    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, values.size + 1, k, dtype=np.int32)),
-                                     pa.array(values.reshape(-1), type=arrow_type))
-    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int32)), inner)
-
-
 def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, meta: dict, launched_at: float,
            outputs: int) -> dict:
     t0 = time.monotonic()
@@ -225,9 +218,9 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
         columns.update(layout.to_arrow(coded, counts, k))
         stored = layout.decode(coded, layout_meta)[1]
     else:
-        columns.update({"topk_ids": _nested(ids, counts, k, pa.int32()), "topk_logits": _nested(vals, counts, k, vtype)})
+        columns.update({"topk_ids": fmt.nested(ids, counts, k, pa.int32()), "topk_logits": fmt.nested(vals, counts, k, vtype)})
     if grid is not None:
-        columns["lse_grid"] = _nested(np.ascontiguousarray(grid), counts, grid.shape[1], pa.float32())
+        columns["lse_grid"] = fmt.nested(np.ascontiguousarray(grid), counts, grid.shape[1], pa.float32())
     table = pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
     record = fmt.write_shard(path, table, meta, layout_meta)
     record["truncated"] = int(sum(e.truncated for e in examples))
@@ -242,13 +235,8 @@ def _sampled_columns(draws: np.ndarray, values: np.ndarray, counts: list[int], v
     """sample_ids / sample_counts / sample_logits from [P, M] draws: per position, the distinct ids in
     ascending order, how often each was drawn and their z/T (pipeline.format)."""
     width, ids, hits, vals = distinct_draws(draws, values)
-
-    def nested(flat, arrow_type):
-        inner = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(width)]).astype(np.int32)),
-                                         pa.array(flat, type=arrow_type))
-        return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), inner)
-    return {"sample_ids": nested(ids, pa.int32()), "sample_counts": nested(hits, pa.uint16()),
-            "sample_logits": nested(vals, vtype)}
+    return {"sample_ids": fmt.nested(ids, counts, width, pa.int32()), "sample_counts": fmt.nested(hits, counts, width, pa.uint16()),
+            "sample_logits": fmt.nested(vals, counts, width, vtype)}
 
 
 def _union(spans: list[tuple[float, float]]) -> float:
