@@ -192,7 +192,6 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
     k = int(meta.get("top_k") or meta["samples"])  # a sampled cache: M draws per position, deduplicated below
     ids = np.concatenate([r[0] for r in results]).reshape(-1, k) if results else np.zeros((0, k), np.int32)
     exact = np.concatenate([r[1] for r in results]).reshape(-1, k) if results else np.zeros((0, k), np.float32)
-    vals = to_value_dtype(exact, "float16" if value_dtype == "code" else value_dtype)
     lse = np.concatenate([r[2] for r in results]).astype(np.float32)
     grid, lse = (lse, np.ascontiguousarray(lse[:, 0])) if lse.ndim == 2 else (None, lse)  # a grid: lse at every T, [:, 0] at T0
     vtype = fmt.VALUE_DTYPES[value_dtype]
@@ -210,15 +209,17 @@ def _write(path: Path, examples, launched, schema: pa.Schema, value_dtype: str, 
         "positions": pa.array([e.positions for e in examples], schema.field("positions").type),
         "lse": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), pa.array(lse)),
     })
-    layout_meta, stored = None, vals
-    if "samples" in meta:
-        columns.update(_sampled_columns(ids, vals, counts, vtype))
-    elif value_dtype == "code":  # format 2 (pipeline.layout); lse stays the exact float32
+    layout_meta = None
+    if "samples" in meta:  # sample_logits: float16 for code (its values only report the KL), else as asked
+        columns.update(_sampled_columns(ids, to_value_dtype(exact, "float16" if value_dtype == "code" else value_dtype),
+                                        counts, vtype))
+    elif value_dtype == "code":  # format 2 (pipeline.layout); lse stays the exact float32, no float16 copy is made
         coded, layout_meta = layout.encode(ids, exact, lse, vocab_size=outputs)
         columns.update(layout.to_arrow(coded, counts, k))
         stored = layout.decode(coded, layout_meta)[1]
     else:
-        columns.update({"topk_ids": fmt.nested(ids, counts, k, pa.int32()), "topk_logits": fmt.nested(vals, counts, k, vtype)})
+        stored = to_value_dtype(exact, value_dtype)
+        columns.update({"topk_ids": fmt.nested(ids, counts, k, pa.int32()), "topk_logits": fmt.nested(stored, counts, k, vtype)})
     if grid is not None:
         columns["lse_grid"] = fmt.nested(np.ascontiguousarray(grid), counts, grid.shape[1], pa.float32())
     table = pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
