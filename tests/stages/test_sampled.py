@@ -131,6 +131,7 @@ def test_kd_train_refuses_what_a_sample_cannot_estimate(sampled, models, dataset
                         ({"temperature": 2.0}, "drawn at T=1, so they are no sample at T=2")):
         with pytest.raises(KDError, match=message):
             _train(sampled[CLM], models, tmp_path / "x", **kw)
+        assert not (tmp_path / "x").exists()  # refused before anything is written
     top = Path(teacher.run(tcfg(models, datasets_dir, tmp_path / "top", target_mode="topk", top_k=8))["out"])
     with pytest.raises(KDError, match="target mode"):
         _train([sampled[CLM], top], models, tmp_path / "y")
